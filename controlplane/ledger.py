@@ -274,7 +274,9 @@ class Ledger:
             sets.append("ended_at = ?")
             args.append(time.time())
         with self.tx() as c:
-            c.execute(f"UPDATE attempts SET {', '.join(sets)} WHERE run_id = ? AND attempt = ?", (*args, run_id, attempt))
+            c.execute(
+                f"UPDATE attempts SET {', '.join(sets)} WHERE run_id = ? AND attempt = ?", (*args, run_id, attempt)
+            )
 
     def attempts(self, run_id: str) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM attempts WHERE run_id = ? ORDER BY attempt", (run_id,))

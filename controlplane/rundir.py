@@ -122,11 +122,9 @@ class RunDir:
 
     def iter_events(self, offset: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
         """Yield (offset after the line, event) from byte `offset`; a torn last line is skipped."""
-        try:
-            f = open(self.events_file, "rb")
-        except FileNotFoundError:
+        if not self.events_file.exists():
             return
-        with f:
+        with open(self.events_file, "rb") as f:
             f.seek(offset)
             pos = offset
             for raw in f:

@@ -116,9 +116,7 @@ class KubernetesOptions(StrictModel):
     serving_namespace: str = Field("llmctl-serving", pattern=NAME_PATTERN, description="Namespace for serving.")
     context: str | None = Field(None, description="kubeconfig context; null for the current one.")
     gpu_taint_key: str = Field("nvidia.com/gpu", description="Taint key on GPU nodes.")
-    gpu_product_label: str = Field(
-        "nvidia.com/gpu.product", description="Node label carrying the GPU product name."
-    )
+    gpu_product_label: str = Field("nvidia.com/gpu.product", description="Node label carrying the GPU product name.")
     cloud: Literal["none", "aws"] = Field(
         "none", description="'none' for an existing (on-premises) cluster; 'aws' provisions EKS."
     )
@@ -142,9 +140,7 @@ class ClusterSpec(StrictModel):
     network: NetworkSpec = Field(default_factory=NetworkSpec, description="Interconnect.")
     ray: RayOptions = Field(default_factory=RayOptions, description="Ray cluster options.")
     kubernetes: KubernetesOptions = Field(default_factory=KubernetesOptions, description="Kubernetes options.")
-    ledger_url: str | None = Field(
-        None, description="SQLite path of the ledger; null for <storage.root>/ledger.db."
-    )
+    ledger_url: str | None = Field(None, description="SQLite path of the ledger; null for <storage.root>/ledger.db.")
     pue: float = Field(1.2, ge=1.0, le=3.0, description="Facility power usage effectiveness.")
     carbon_intensity_kg_per_kwh: float = Field(
         0.45, ge=0, le=2.0, description="Grid carbon intensity, kg CO2e per kWh."
@@ -334,9 +330,7 @@ class FaultToleranceSpec(StrictModel):
     crash_loop_restarts: PositiveInt = Field(
         3, description="Restarts in a row without step progress that end the run as failed."
     )
-    hang_timeout_factor: float = Field(
-        20.0, gt=1, description="A hang is no step for this many median step times..."
-    )
+    hang_timeout_factor: float = Field(20.0, gt=1, description="A hang is no step for this many median step times...")
     hang_timeout_min_s: float = Field(30.0, gt=0, description="...but never sooner than this...")
     hang_timeout_max_s: float = Field(900.0, gt=0, description="...and always by this hard cap.")
     loss_spike_factor: float = Field(
@@ -344,9 +338,7 @@ class FaultToleranceSpec(StrictModel):
     )
     loss_window: PositiveInt = Field(20, description="Steps in the recent-loss window.")
     max_rollbacks: int = Field(3, ge=0, description="Numerical-fault rollbacks allowed per run.")
-    node_failure_threshold: PositiveInt = Field(
-        2, description="Failures on one node after which it is excluded."
-    )
+    node_failure_threshold: PositiveInt = Field(2, description="Failures on one node after which it is excluded.")
 
     @model_validator(mode="after")
     def _bounds(self) -> FaultToleranceSpec:
@@ -374,6 +366,20 @@ class MetricsSpec(StrictModel):
     port: int = Field(0, ge=0, le=65535, description="Port of the metrics endpoint; 0 picks a free one.")
 
 
+class FaultInjection(StrictModel):
+    """A real fault the job injects into itself: for drills, chaos tests and the quickstart."""
+
+    kind: Literal["kill_worker", "hang_worker", "nan_loss", "checkpoint_enospc", "slow_worker", "exit_driver"] = Field(
+        description="kill_worker: SIGKILL the rank's process; hang_worker: SIGSTOP it; nan_loss: the loss "
+        "becomes NaN; checkpoint_enospc: the checkpoint write fails with ENOSPC; slow_worker: the rank "
+        "sleeps `seconds` each step; exit_driver: the job driver exits abruptly."
+    )
+    at_step: int = Field(ge=0, description="Global step at which the fault fires.")
+    rank: int = Field(0, ge=0, description="Worker rank that suffers it.")
+    attempt: PositiveInt = Field(1, description="Only in this attempt (so the resume does not repeat it).")
+    seconds: float = Field(0.5, ge=0, description="slow_worker: extra seconds per step.")
+
+
 class RunSpec(StrictModel):
     name: str = Field("quickstart", pattern=NAME_PATTERN, description="Run name; run ids derive from it.")
     model: ModelSpec = Field(default_factory=ModelSpec, description="Model architecture.")
@@ -387,20 +393,25 @@ class RunSpec(StrictModel):
     power: PowerSpec = Field(default_factory=PowerSpec, description="GPU power policy.")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Metrics endpoint.")
     seed: int = Field(0, ge=0, description="Seed for model init, data order and dropout.")
+    faults: list[FaultInjection] = Field(
+        default_factory=list, description="Faults to inject on purpose (drills, tests); empty in production."
+    )
 
     @model_validator(mode="after")
     def _batch_divides(self) -> RunSpec:
         train, n = self.train, self.workers.num_workers
         if train.global_batch_size % n:
             raise ValueError(
-                f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
-                f"workers.num_workers ({n})"
+                f"train.global_batch_size ({train.global_batch_size}) must be divisible by workers.num_workers ({n})"
             )
         per_worker = train.global_batch_size // n
         if train.micro_batch_size is not None and per_worker % train.micro_batch_size:
             raise ValueError(
                 f"train.micro_batch_size ({train.micro_batch_size}) must divide the per-worker batch ({per_worker})"
             )
+        for fault in self.faults:
+            if fault.rank >= n:
+                raise ValueError(f"faults: rank {fault.rank} does not exist with {n} workers")
         return self
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from controlplane import __version__
-from controlplane.cli import spec_cmd
+from controlplane.cli import run_cmd, spec_cmd
 from controlplane.cli.common import LlmctlGroup, out
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(spec_cmd.app, name="spec")
+app.add_typer(run_cmd.app, name="run")
 
 
 @app.command()
