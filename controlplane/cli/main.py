@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from controlplane import __version__
-from controlplane.cli import cluster_cmd, run_cmd, spec_cmd
+from controlplane.cli import cluster_cmd, doctor_cmd, run_cmd, spec_cmd
 from controlplane.cli.common import LlmctlGroup, out
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app = typer.Typer(
 app.add_typer(spec_cmd.app, name="spec")
 app.add_typer(run_cmd.app, name="run")
 app.add_typer(cluster_cmd.app, name="cluster")
+app.command("doctor")(doctor_cmd.doctor)
 
 
 @app.command()
