@@ -9,6 +9,7 @@ and nothing else (a run that lost or repeated a batch differs by ~1e-2).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -82,10 +83,8 @@ def test_killed_job_resumes_from_newest_verified_checkpoint(cluster_home, datase
     start = run_dir.events({"start"})[-1]
     os.kill(start["driver_pid"], signal.SIGKILL)  # the whole job dies: driver first, Ray reaps its actors
     for w in start["workers"]:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(w["pid"], signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     sid = ray_cluster.submission_id(run_dir.run_id, 1)
     wait_for(lambda: ray_cluster.job_status(ctx.cluster, sid) in ("FAILED", "STOPPED"), 60, "Ray to see the job die")
     newest = max(int(p.name.split("_")[1]) for p in run_dir.checkpoints.glob("step_*"))
