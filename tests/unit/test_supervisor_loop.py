@@ -224,7 +224,7 @@ def test_supervisor_killed_at_random_moments_never_duplicates_an_attempt(env, tm
     ctx, jobs, _ = env
     faults = {"1": {"crash_at": 7}, "2": {"nan_at": 14}, "3": {"crash_at": 19}}
     rd = make_run(ctx.ledger, ctx.storage, "sigkill", spec(steps=24, interval=3),
-                  {"steps": 24, "interval": 3, "step_s": 0.03, "faults": faults})  # fmt: skip
+                  {"steps": 24, "interval": 3, "step_s": 0.05, "faults": faults})  # fmt: skip
     env_vars = {**os.environ, "PYTHONPATH": str(ROOT)}
     deadline = time.monotonic() + 90
     kills = 0
@@ -235,9 +235,11 @@ def test_supervisor_killed_at_random_moments_never_duplicates_an_attempt(env, tm
         p.send_signal(signal.SIGKILL)
         p.wait()
         kills += 1
-    assert ctx.ledger.get_run("sigkill")["state"] == "succeeded", ctx.ledger.get_run("sigkill")
     subs = jobs.submissions()
-    assert subs == [f"sigkill-a{n}" for n in range(1, len(subs) + 1)]  # each attempt exactly once, in order
-    assert [a["attempt"] for a in ctx.ledger.attempts("sigkill")] == list(range(1, len(subs) + 1))
-    assert len(subs) == 4 and kills >= 3
+    why = {"run": ctx.ledger.get_run("sigkill"), "submissions": subs, "kills": kills,
+           "transitions": [(t["to_state"], t["cause"]) for t in ctx.ledger.transitions("sigkill")]}  # fmt: skip
+    assert why["run"]["state"] == "succeeded", why
+    assert subs == [f"sigkill-a{n}" for n in range(1, len(subs) + 1)], why  # each attempt exactly once, in order
+    assert [a["attempt"] for a in ctx.ledger.attempts("sigkill")] == list(range(1, len(subs) + 1)), why
+    assert len(subs) == 4 and kills >= 3, why
     assert max(steps_of(rd)) == 24
