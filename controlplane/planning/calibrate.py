@@ -51,7 +51,9 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def calibrate(run_dir: RunDir, attempts: list[dict[str, Any]], checkpoints: list[dict[str, Any]], backoff_s: float = 0.0) -> Calibration:
+def calibrate(
+    run_dir: RunDir, attempts: list[dict[str, Any]], checkpoints: list[dict[str, Any]], backoff_s: float = 0.0
+) -> Calibration:
     if not run_dir.path.exists():
         raise UserError(f"--calibrate: no run directory {run_dir.path}")
     events = run_dir.events()

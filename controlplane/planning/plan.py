@@ -23,9 +23,13 @@ Conventions (stated once, used everywhere):
   (bf16 + fp32 for the loss: 6*s*b*V/t bytes), and a fixed reserve covers the CUDA context and
   allocator fragmentation.
 - Checkpoint = fp32 weights + Adam moments = 12 B/param. Persisting it takes size / storage write
-  bandwidth; with async_save a step blocks only for the device-to-host copy, spread over all GPUs.
-- Checkpoint interval: Young/Daly from the blocking cost and the cluster MTBF, never shorter than
-  the time to persist one checkpoint (saves would queue up otherwise).
+  bandwidth; with async_save a step blocks only for the device-to-host copy, spread over all GPUs,
+  plus a fixed second for the barrier and state-dict gathering (measure it: `--checkpoint-stall-s`
+  or `llmctl simulate --calibrate RUN`).
+- Checkpoint interval: the supervisor's Young/Daly sqrt(2 x blocking cost x cluster MTBF)
+  (the cost is the time the step is blocked; the background persist does not stop training)
+  (`controlplane.supervisor.policy.young_daly_interval`), never shorter than the time to persist
+  one checkpoint (saves would queue up otherwise).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 from controlplane.errors import ConfigurationError, UserError
 from controlplane.planning.gpus import GpuModel, gpu
 from controlplane.spec import ClusterSpec, LlamaDims, ParallelismSpec, RunSpec
+from controlplane.supervisor.policy import young_daly_interval
 
 BYTES_WEIGHT = 2  # bf16 weights
 BYTES_GRAD = 2  # bf16 gradients
@@ -112,17 +117,12 @@ def memory_per_gpu(
 # --------------------------------------------------------------------------- checkpoint interval
 
 
-def young_interval(cost_s: float, mtbf_s: float) -> float:
-    """Young (1974): the compute time between checkpoints that minimizes expected waste."""
-    return math.sqrt(2.0 * cost_s * mtbf_s)
-
-
-def daly_interval(cost_s: float, mtbf_s: float) -> float:
-    """Daly (2006) higher-order estimate; equals the MTBF when the checkpoint costs 2 MTBF or more."""
-    if cost_s >= 2.0 * mtbf_s:
-        return mtbf_s
-    r = cost_s / (2.0 * mtbf_s)
-    return math.sqrt(2.0 * cost_s * mtbf_s) * (1.0 + math.sqrt(r) / 3.0 + r / 9.0) - cost_s
+def checkpoint_interval_s(stall_s: float, mtbf_s: float, persist_s: float, step_s: float) -> float:
+    """The supervisor's Young/Daly interval, but never shorter than one persist or one step."""
+    if not math.isfinite(mtbf_s):
+        return math.inf
+    young = young_daly_interval(stall_s, mtbf_s) if stall_s > 0 else 0.0
+    return max(young, persist_s, step_s)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -134,6 +134,7 @@ class Assumptions:
     gpu_power_watts: float | None = None  # None: the GPU's TDP
     mtbf_hours: float | None = None  # cluster MTBF; None: the failure model scaled to the GPUs
     host_copy_gbps: float = 10.0  # device-to-host copy per GPU for an async checkpoint, GB/s
+    checkpoint_sync_s: float = 1.0  # fixed part of a blocking save: barrier, state-dict gather, metadata
     checkpoint_stall_s: float | None = None  # measured blocking time per checkpoint; overrides the model
     reserve_gb: float = 2.0  # CUDA context and allocator fragmentation per GPU
     days: float = 30.0  # the window for "tokens one month buys"
@@ -219,7 +220,7 @@ def make_plan(cluster: ClusterSpec, run: RunSpec, a: Assumptions | None = None, 
     mp = par.model_parallel
     if gpus % mp:
         raise ConfigurationError(f"parallelism: tensor x pipeline ({mp}) must divide the {gpus} GPUs")
-    dims = run.model.resolve(max_seq_len=run.train.seq_len)
+    dims = run.model.resolve(vocab_size=run.data.vocab_size, max_seq_len=run.train.seq_len)
     if dims.num_layers % par.pipeline:
         raise ConfigurationError(
             f"parallelism.pipeline: {par.pipeline} stages do not divide num_layers ({dims.num_layers})"
@@ -256,16 +257,17 @@ def make_plan(cluster: ClusterSpec, run: RunSpec, a: Assumptions | None = None, 
     if a.checkpoint_stall_s is not None:
         stall = a.checkpoint_stall_s
     elif run.checkpoint.async_save:
-        stall = ckpt_bytes / (gpus * a.host_copy_gbps * 1e9)
+        stall = a.checkpoint_sync_s + ckpt_bytes / (gpus * a.host_copy_gbps * 1e9)
     else:
-        stall = persist
+        stall = a.checkpoint_sync_s + persist
     if a.mtbf_hours is not None:
         mtbf_h = a.mtbf_hours
     elif run.checkpoint.mtbf_hours is not None:
         mtbf_h = run.checkpoint.mtbf_hours
     else:
         mtbf_h = per_gpu_mtbf_hours / gpus
-    interval = max(daly_interval(stall, mtbf_h * 3600.0), persist, step_s)
+    steps = math.ceil(tokens / train.tokens_per_step)
+    interval = checkpoint_interval_s(stall, mtbf_h * 3600.0, persist, step_s)
     return Plan(
         gpu_model=model.name,
         gpus=gpus,
@@ -286,7 +288,7 @@ def make_plan(cluster: ClusterSpec, run: RunSpec, a: Assumptions | None = None, 
         window_days=a.days,
         tokens_in_window=tokens_in(a.days * SECONDS_PER_DAY, per_token, gpus, peak, a.mfu),
         step_seconds=step_s,
-        steps=math.ceil(tokens / train.tokens_per_step),
+        steps=steps,
         gpu_power_watts=watts,
         gpu_energy_mwh=gpu_kwh / 1000.0,
         pue=cluster.pue,
@@ -303,7 +305,7 @@ def make_plan(cluster: ClusterSpec, run: RunSpec, a: Assumptions | None = None, 
         checkpoint_stall_seconds=stall,
         cluster_mtbf_hours=mtbf_h,
         checkpoint_interval_seconds=interval,
-        checkpoint_interval_steps=max(1, math.ceil(interval / step_s)),
+        checkpoint_interval_steps=steps if math.isinf(interval) else max(1, min(steps, math.ceil(interval / step_s))),
         assumptions=asdict(a),
     )
 

@@ -27,6 +27,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
+from controlplane.errors import UserError
 from controlplane.planning.failures import FailureModelSpec
 from controlplane.planning.policy_driver import PolicyDriver
 from controlplane.spec import FaultToleranceSpec
@@ -259,7 +260,7 @@ def simulate_seed(
 # --------------------------------------------------------------------------- many seeds
 
 
-class PathologicalModelError(ValueError):
+class PathologicalModelError(UserError):
     """The cluster fails faster than a run can recover: simulating it would say nothing new."""
 
 
