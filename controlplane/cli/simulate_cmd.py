@@ -105,7 +105,7 @@ def simulate(
     sc = scenario.build(plan, run, cluster, flags, cal)
     summary, results = run_seeds(sc.config, model, run.fault_tolerance, sc.mtbf_s, seeds, first_seed)
     curve = None
-    if sweep:
+    if sweep or plot is not None:
         grid = interval_grid(sc.young_daly_steps, points)
         curve = sweep_intervals(sc.config, model, run.fault_tolerance, sc.mtbf_s, seeds, grid)
     if plot is not None:
@@ -117,11 +117,11 @@ def simulate(
         data = {"scenario": sc.to_dict(), "summary": summary.to_dict()}
         if cal:
             data["calibration"] = cal.to_dict()
-        if curve:
+        if sweep and curve:
             data["sweep"] = _sweep_dict(sc, curve)
         emit_json(data)
         return
-    _print(plan, sc, summary, curve, cal)
+    _print(plan, sc, summary, curve if sweep else None, cal)
 
 
 def _calibration(run_id: str, cluster_file: str | None, run):

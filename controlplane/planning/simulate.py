@@ -73,7 +73,7 @@ class SeedResult:
     events_bounded: bool = False
     remaining_work_s: float = 0.0
     by_cause: dict[str, dict[str, float]] = field(default_factory=dict)  # cause -> category -> wall s
-    timeline: list[tuple[float, str, str]] = field(default_factory=list)  # (t, what, cause)
+    timeline: list[tuple[float, str, str, float]] = field(default_factory=list)  # (t, what, cause, work_s)
 
     @property
     def goodput(self) -> float:
@@ -136,9 +136,9 @@ def simulate_seed(
     prev_cause = "startup"
     submitted = 0.0
 
-    def note(what: str, cause: str) -> None:
+    def note(what: str, cause: str, work: float) -> None:
         if timeline:
-            res.timeline.append((t, what, cause))
+            res.timeline.append((t, what, cause, work))
 
     for _ in range(cfg.max_events):
         gap = rng.expovariate(rate)
@@ -161,7 +161,7 @@ def simulate_seed(
             fail_at_start = False
         started_at = None if fail_at_start else t
         if not fail_at_start:
-            note("start", prev_cause)
+            note("start", prev_cause, durable)
             # ---- compute from `durable`
             remaining = cfg.work_s - durable
             n_ckpt = max(0, math.ceil(remaining / tau) - 1)
@@ -176,13 +176,14 @@ def simulate_seed(
                 res.productive_s += remaining
                 res.stall_s += n_ckpt * stall
                 res.finished = True
-                note("finish", "")
+                note("finish", "", cfg.work_s)
                 break
             if run_for < gap:  # the horizon cuts the run: work in progress counts as productive
                 t = H
                 res.productive_s += computed
                 res.stall_s += stalled
                 durable += computed
+                note("horizon", "", durable)
                 break
             # a failure at t + run_for: only checkpoints whose persist has finished are durable
             durable_k = max(0, min(k, int((run_for - persist_after) // cycle))) if run_for >= persist_after else 0
@@ -200,11 +201,12 @@ def simulate_seed(
             lost = 0.0
             progressed = False
             last_step = int(durable // cfg.step_s)
+            reached = durable
         # ---- the failure
         res.failures += 1
         cause = causes.draw(rng.random())
         node = nodes[rng.randrange(cfg.nodes)] if cause.node else None
-        note("failure", cause.name)
+        note("failure", cause.name, reached)
         res.charge(cause.name, "lost_work", lost)
         if cause.kind == "hang" and started_at is not None:
             detect = driver.hang_timeout_s() + 1e-6
@@ -233,7 +235,7 @@ def simulate_seed(
         if verdict.give_up is not None:
             res.gave_up = verdict.give_up
             res.given_up_s = H - t
-            note("gave up", cause.name)
+            note("gave up", cause.name, durable)
             t = H
             break
         if verdict.resume_cap is not None and verdict.resume_cap * cfg.step_s < durable:
