@@ -32,7 +32,9 @@ PER_TOKEN_13B = 6 * MATMUL_13B + 12 * 40 * 4096 * 5120  # 6N + 12 L s h
 
 
 def reference() -> tuple[ClusterSpec, RunSpec]:
-    return load_spec(ClusterSpec, EXAMPLES / "cluster-reference.yaml"), load_spec(RunSpec, EXAMPLES / "run-13b.yaml")
+    return load_spec(ClusterSpec, Path(__file__).parent / "data" / "cluster-a100-928.yaml"), load_spec(
+        RunSpec, EXAMPLES / "run-13b.yaml"
+    )
 
 
 def plan13b(**kw):

@@ -15,7 +15,7 @@ from controlplane.planning.calibrate import calibrate
 from controlplane.rundir import RunDir
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-CLUSTER = str(EXAMPLES / "cluster-reference.yaml")
+CLUSTER = str(Path(__file__).parent / "data" / "cluster-a100-928.yaml")
 RUN = str(EXAMPLES / "run-13b.yaml")
 runner = CliRunner()
 
