@@ -115,6 +115,7 @@ def simulate(
         err.print(f"wrote {plot}")
     if json_:
         data = {"scenario": sc.to_dict(), "summary": summary.to_dict()}
+        data["tokens_in_window_at_goodput"] = _window_tokens(plan, sc, summary)
         if cal:
             data["calibration"] = cal.to_dict()
         if sweep and curve:
@@ -140,6 +141,12 @@ def _calibration(run_id: str, cluster_file: str | None, run):
     except UserError:
         check_run_id(run_id)
     return measure(ctx.run_dir(run_id), attempts, checkpoints, backoff_s=backoff_delay_s(run.fault_tolerance, 0))
+
+
+def _window_tokens(plan, sc, summary) -> float:
+    """Tokens the window buys at the simulated mean goodput (at the simulated step time)."""
+    tokens_per_step = plan.tokens / plan.steps
+    return summary.horizon_days * 86400 * summary.goodput_mean * tokens_per_step / sc.config.step_s
 
 
 def _sweep_dict(sc, curve) -> dict:
@@ -174,6 +181,10 @@ def _print(plan, sc, s, curve, cal) -> None:
     out.print(
         f"[bold]finish[/bold]: mean day {s.finish_days_mean:.1f} (p5 {s.finish_days_p5:.1f}, p50 "
         f"{s.finish_days_p50:.1f}, p95 {s.finish_days_p95:.1f}); {s.finished}/{s.seeds} finished within the window"
+    )
+    out.print(
+        f"a {s.horizon_days:g}-day window at this goodput buys {_window_tokens(plan, sc, s) / 1e12:.2f}T tokens "
+        f"({plan.tokens_in_window / 1e12:.2f}T failure-free)"
     )
     if s.gave_up:
         causes = ", ".join(f"{k} x{v}" for k, v in s.gave_up_causes.items())
