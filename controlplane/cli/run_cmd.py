@@ -237,3 +237,6 @@ def stop(run_id: RunArg, cluster: ClusterOpt = None) -> None:
 
 
 # Verbs defined in other modules are attached here, one line each:
+from controlplane.cli.supervise_cmd import run_goodput  # noqa: E402
+
+app.command("goodput")(run_goodput)
