@@ -11,7 +11,16 @@ from typing import Annotated
 import typer
 
 from controlplane import __version__
-from controlplane.cli import cluster_cmd, doctor_cmd, node_cmd, run_cmd, spec_cmd, supervise_cmd
+from controlplane.cli import (
+    cluster_cmd,
+    doctor_cmd,
+    node_cmd,
+    plan_cmd,
+    run_cmd,
+    simulate_cmd,
+    spec_cmd,
+    supervise_cmd,
+)
 from controlplane.cli.common import ClusterOpt, LlmctlGroup, err, out
 
 app = typer.Typer(
@@ -26,6 +35,8 @@ app.add_typer(spec_cmd.app, name="spec")
 app.add_typer(run_cmd.app, name="run")
 app.add_typer(cluster_cmd.app, name="cluster")
 app.command("doctor")(doctor_cmd.doctor)
+app.command("plan")(plan_cmd.plan)
+app.command("simulate")(simulate_cmd.simulate)
 app.add_typer(node_cmd.app, name="node")
 app.command("supervise")(supervise_cmd.supervise)
 
