@@ -40,7 +40,9 @@ def prepare(
     if max_mb <= 0:
         raise UserError(f"--max-mb {max_mb}: expected a positive number")
     if source != data.DEFAULT_SOURCE and not Path(source).expanduser().is_dir():
-        raise data.DataSourceError(f"{source}: not a directory (give 'manpages-ja' or a directory of .txt/.jsonl files)")
+        raise data.DataSourceError(
+            f"{source}: not a directory (give 'manpages-ja' or a directory of .txt/.jsonl files)"
+        )
     if out_dir is None:
         name = data.DEFAULT_SOURCE if source == data.DEFAULT_SOURCE else Path(source).expanduser().resolve().name
         target = Context.load(cluster).storage / "datasets" / name

@@ -34,9 +34,9 @@ class TrainMetrics:
         self.mfu = gauge("llmctl_train_mfu_ratio", "Model FLOPs utilisation (6*N*tokens/s over peak).")
         self.goodput = gauge("llmctl_train_goodput_ratio", "Step time over wall time in this attempt.")
         self.ckpt = gauge("llmctl_train_checkpoint_seconds", "Seconds training was blocked by the last checkpoint.")
-        self.tokens = Counter("llmctl_train_tokens", "Tokens trained in the run.", labels, registry=self.registry).labels(
-            **lv
-        )
+        self.tokens = Counter(
+            "llmctl_train_tokens", "Tokens trained in the run.", labels, registry=self.registry
+        ).labels(**lv)
         self._restarts = Counter(
             "llmctl_train_restarts", "Restarts by cause (worker replaced in-attempt, resume).", labels + ["cause"],
             registry=self.registry,

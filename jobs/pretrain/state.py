@@ -94,7 +94,9 @@ class Counters:
     loss_history: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(step=self.step, tokens=self.tokens, cursor=self.cursor, loss=self.loss, loss_history=self.loss_history)
+        return dict(
+            step=self.step, tokens=self.tokens, cursor=self.cursor, loss=self.loss, loss_history=self.loss_history
+        )
 
 
 def _to_host(obj: Any) -> Any:

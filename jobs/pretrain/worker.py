@@ -120,6 +120,7 @@ class TrainWorker:
             )
         self.rank, self.world, self.broken = rank, world, False
         self.optimizer.zero_grad(set_to_none=True)
+        self._emit("heartbeat", rank=rank, step=self.counters.step, pid=os.getpid(), node_id=self.node_id)
         url = None
         if rank == 0 and self.run.metrics.enabled:
             if self.metrics is None:

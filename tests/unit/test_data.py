@@ -80,7 +80,9 @@ def test_bad_source_is_a_user_error(tmp_path):
 def test_cli_prepare_json_and_bad_source(tmp_path):
     src = _corpus(tmp_path / "src")
     runner = CliRunner()
-    res = runner.invoke(app, ["data", "prepare", str(src), "--out", str(tmp_path / "ds"), "--vocab-size", "300", "--json"])
+    res = runner.invoke(
+        app, ["data", "prepare", str(src), "--out", str(tmp_path / "ds"), "--vocab-size", "300", "--json"]
+    )
     assert res.exit_code == 0, res.output
     meta = json.loads(res.stdout)
     assert meta["vocab_size"] == 300 and (tmp_path / "ds" / "tokenizer.json").is_file()

@@ -15,7 +15,9 @@ from jobs.pretrain import state as st
 
 
 def _replica(seed=0):
-    run = RunSpec.model_validate({"train": {"max_steps": 10, "seq_len": 16, "schedule": {"warmup_steps": 2}}, "seed": seed})
+    run = RunSpec.model_validate(
+        {"train": {"max_steps": 10, "seq_len": 16, "schedule": {"warmup_steps": 2}}, "seed": seed}
+    )
     dims = run.model.resolve(vocab_size=128, max_seq_len=16)
     config = st.llama_config(dims, 1, 0)
     model = st.build_model(config, run.seed, torch.device("cpu"))
