@@ -13,6 +13,7 @@ import typer
 from controlplane import __version__
 from controlplane.cli import (
     cluster_cmd,
+    data_cmd,
     doctor_cmd,
     node_cmd,
     plan_cmd,
@@ -34,6 +35,7 @@ app = typer.Typer(
 app.add_typer(spec_cmd.app, name="spec")
 app.add_typer(run_cmd.app, name="run")
 app.add_typer(cluster_cmd.app, name="cluster")
+app.add_typer(data_cmd.app, name="data")
 app.command("doctor")(doctor_cmd.doctor)
 app.command("plan")(plan_cmd.plan)
 app.command("simulate")(simulate_cmd.simulate)
