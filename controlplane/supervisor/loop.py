@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from controlplane import checkpoint as ckpt
 from controlplane.context import Context
-from controlplane.errors import LlmctlError, UserError
+from controlplane.errors import LlmctlError, RetryableError, UserError
 from controlplane.rundir import RunDir, write_atomic
 from controlplane.spec import RunSpec, read_record
 from controlplane.states import AttemptState, RunState
@@ -205,11 +205,13 @@ class Supervisor:
     # ------------------------------------------------------------------ passes
 
     def tick(self) -> dict[str, list[P.Action]]:
-        """One pass over every live run. A run whose pass fails is logged and retried next tick."""
+        """One pass over every live run (takes the lock for good). A run whose pass fails is logged
+        and retried next tick."""
+        self.lock.acquire()
         out: dict[str, list[P.Action]] = {}
         for run in self.ctx.ledger.live_runs():
             try:
-                out[run["run_id"]] = self.reconcile_run(run["run_id"])
+                out[run["run_id"]] = self._reconcile(run["run_id"])
             except Exception as exc:  # a supervisor outlives transient errors; the pass is retried next tick
                 log.warning("run %s: %s: %s (will retry)", run["run_id"], type(exc).__name__, str(exc).split("\n")[0])
         return out
@@ -223,11 +225,23 @@ class Supervisor:
             stop.wait(max(0.05, interval_s - (time.monotonic() - started)))
 
     def reconcile_run(self, run_id: str) -> list[P.Action]:
-        if not self.lock.held:
-            try:
-                self.lock.acquire()
-            except SupervisorBusy:
-                return []  # the supervisor daemon owns the runs; a watcher only watches
+        """One pass over one run. Without the lock held for good (`exclusive`, `run_forever`), the
+        lock is taken for this pass only; if another supervisor holds it, the pass is skipped."""
+        if self.lock.held:
+            return self._reconcile(run_id)
+        try:
+            self.lock.acquire()
+        except SupervisorBusy:
+            return []  # the supervisor daemon owns the runs; a watcher only watches
+        try:
+            return self._reconcile(run_id)
+        except RetryableError as exc:  # the Jobs API or the cluster blinked: look again next pass
+            log.warning("run %s: %s (will retry)", run_id, exc)
+            return []
+        finally:
+            self.lock.release()
+
+    def _reconcile(self, run_id: str) -> list[P.Action]:
         ledger = self.ctx.ledger
         run = ledger.get_run(run_id)
         state = RunState(run["state"])

@@ -199,10 +199,14 @@ def test_one_supervisor_per_storage_root(env):
     other = Supervisor(ctx, ProcessJobs(ctx.storage / "j2"))
     with pytest.raises(SupervisorBusy, match=f"pid {os.getpid()}"):
         other.lock.acquire()
-    assert other.reconcile_run  # a watcher without the lock only watches:
     make_run(ctx.ledger, ctx.storage, "watched", spec(steps=5), {"steps": 5})
-    assert other.reconcile_run("watched") == []
+    assert other.reconcile_run("watched") == []  # a watcher without the lock only watches
     assert ctx.ledger.current_attempt("watched") is None
+    sup.lock.release()
+    assert other.reconcile_run("watched")[0].attempt == 1  # the lock is free: one pass, then let go
+    assert not other.lock.held
+    sup.lock.acquire()
+    sup.lock.release()
 
 
 DRIVER = """
