@@ -23,6 +23,7 @@ It also prints the checkpoint blocking ratio: the time training is blocked by an
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -153,13 +154,33 @@ def ray_train_loop(cfg: dict) -> None:
 
 
 def ray_train_baseline(cluster: ClusterSpec, args: argparse.Namespace, work: Path) -> float:
+    """Run the baseline as a Ray job on the same cluster (as llmctl's job runs) and read its figure."""
+    client = ray_cluster.job_client(cluster)
+    out = work / "raytrain-result.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-out", str(out), "--work", str(work)]
+    cmd += ["--steps", str(args.steps), "--kill-at", str(args.kill_at), "--interval", str(args.interval)]
+    sid = client.submit_job(
+        entrypoint=" ".join(cmd), runtime_env=ray_cluster.runtime_env(cluster), entrypoint_num_cpus=0
+    )
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = str(client.get_job_status(sid).value)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(1.0)
+    if not out.exists():
+        raise SystemExit(f"Ray Train baseline job {status}:\n{client.get_job_logs(sid)[-3000:]}")
+    return json.loads(out.read_text())["recovery_s"]
+
+
+def ray_train_job(args: argparse.Namespace) -> int:
+    """Inside the Ray job: TorchTrainer with FailureConfig; rank 1 SIGKILLs itself at --kill-at."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    state = ray_cluster.read_state(cluster)
-    os.environ.update({k: v for k, v in ray_cluster.ray_env(Path(state.token_file)).items() if k.startswith("RAY_")})
-    ray.init(address=state.gcs_address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}, log_to_driver=False)
+    work = Path(args.work)
+    ray.init(log_to_driver=False)
     spec = run_spec("bench-raytrain", args, async_save=False, fault={"kind": "kill_worker", "at_step": 1})
     dims = spec.model.resolve(vocab_size=512, max_seq_len=spec.train.seq_len)
     cfg = {
@@ -185,8 +206,9 @@ def ray_train_baseline(cluster: ClusterSpec, args: argparse.Namespace, work: Pat
         ),
     )
     trainer.fit()
-    ray.shutdown()
-    return float((work / "raytrain-first-step").read_text()) - float((work / "raytrain-kill").read_text())
+    recovery = float((work / "raytrain-first-step").read_text()) - float((work / "raytrain-kill").read_text())
+    Path(args.baseline_out).write_text(json.dumps({"recovery_s": recovery}))
+    return 0
 
 
 def blocking(events: list[dict], synchronous: bool) -> float:
@@ -202,7 +224,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--kill-at", type=int, default=10)
     ap.add_argument("--interval", type=int, default=8)
+    ap.add_argument("--baseline-out", help=argparse.SUPPRESS)  # set when running as the baseline's Ray job
+    ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.baseline_out:
+        return ray_train_job(args)
     work = Path(tempfile.mkdtemp(prefix="llmctl-bench-recovery-"))
     os.environ["LLMCTL_HOME"] = str(work)
     cluster = ClusterSpec(storage=StorageSpec(root=str(work)))

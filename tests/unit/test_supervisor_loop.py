@@ -218,6 +218,7 @@ from controlplane.supervisor.policy import PolicyConfig
 from tests.unit.supervisor_harness import ProcessJobs
 sup = Supervisor(Context.load(), ProcessJobs(Path(sys.argv[1])), config=PolicyConfig(heartbeat_stale_s=0.6, stop_grace_s=3.0),
                  exclusive=True)
+Path(sys.argv[2]).touch()  # ready: the kills below land in ticks, not in imports
 while True:
     sup.tick()
     time.sleep(0.01)
@@ -230,11 +231,16 @@ def test_supervisor_killed_at_random_moments_never_duplicates_an_attempt(env, tm
     rd = make_run(ctx.ledger, ctx.storage, "sigkill", spec(steps=24, interval=3),
                   {"steps": 24, "interval": 3, "step_s": 0.05, "faults": faults})  # fmt: skip
     env_vars = {**os.environ, "PYTHONPATH": str(ROOT)}
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 150
     kills = 0
     delays = [0.15, 0.4, 0.05, 0.7, 0.25, 0.3, 0.1, 0.5]
+    ready = tmp_path / "ready"
     while ctx.ledger.get_run("sigkill")["state"] not in ("succeeded", "failed") and time.monotonic() < deadline:
-        p = subprocess.Popen([sys.executable, "-c", DRIVER, str(jobs.dir)], env=env_vars, cwd=ROOT)
+        ready.unlink(missing_ok=True)
+        p = subprocess.Popen([sys.executable, "-c", DRIVER, str(jobs.dir), str(ready)], env=env_vars, cwd=ROOT)
+        up_by = time.monotonic() + 30
+        while not ready.exists() and p.poll() is None and time.monotonic() < up_by:
+            time.sleep(0.01)
         time.sleep(delays[kills % len(delays)] if kills < 24 else 3.0)
         p.send_signal(signal.SIGKILL)
         p.wait()
