@@ -129,6 +129,7 @@ def ray_train_loop(cfg: dict) -> None:
         opt.load_state_dict(state["opt"])
         start = state["step"]
     marker, first = Path(cfg["marker"]), Path(cfg["first"])
+    after_crash = marker.exists()  # this is the restarted worker group
     per_rank = cfg["global_batch"] // world
     gen = torch.Generator().manual_seed(cfg["seed"] + rank)
     for step in range(start + 1, cfg["steps"] + 1):
@@ -141,8 +142,8 @@ def ray_train_loop(cfg: dict) -> None:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if restored is not None and rank == 0 and not first.exists():
-            first.write_text(repr(time.time()))
+        if after_crash and rank == 0 and not first.exists():
+            first.write_text(json.dumps({"ts": time.time(), "resumed_from": start}))
         metrics = {"step": step, "loss": float(loss)}
         if step % cfg["interval"] == 0 and rank == 0:
             with tf.TemporaryDirectory() as d:
@@ -170,7 +171,9 @@ def ray_train_baseline(cluster: ClusterSpec, args: argparse.Namespace, work: Pat
         time.sleep(1.0)
     if not out.exists():
         raise SystemExit(f"Ray Train baseline job {status}:\n{client.get_job_logs(sid)[-3000:]}")
-    return json.loads(out.read_text())["recovery_s"]
+    result = json.loads(out.read_text())
+    print(f"# Ray Train: {result}", file=sys.stderr)
+    return result["recovery_s"]
 
 
 def ray_train_job(args: argparse.Namespace) -> int:
@@ -206,8 +209,9 @@ def ray_train_job(args: argparse.Namespace) -> int:
         ),
     )
     trainer.fit()
-    recovery = float((work / "raytrain-first-step").read_text()) - float((work / "raytrain-kill").read_text())
-    Path(args.baseline_out).write_text(json.dumps({"recovery_s": recovery}))
+    first = json.loads((work / "raytrain-first-step").read_text())
+    recovery = first["ts"] - float((work / "raytrain-kill").read_text())
+    Path(args.baseline_out).write_text(json.dumps({"recovery_s": recovery, "resumed_from": first["resumed_from"]}))
     return 0
 
 
@@ -240,7 +244,9 @@ def main() -> int:
 
         prepare("manpages-ja", work / "datasets" / "manpages-ja", vocab_size=512, seed=0, max_bytes=300_000)
         tier1, ev1 = llmctl_tier1(ctx, args)
+        print(f"# llmctl tier 1: {tier1:.2f} s", file=sys.stderr)
         tier2, ev2 = llmctl_tier2(ctx, args)
+        print(f"# llmctl tier 2: {tier2:.2f} s", file=sys.stderr)
         base = ray_train_baseline(cluster, args, work)
     finally:
         ray_cluster.down(cluster)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from controlplane.context import Context
-from controlplane.errors import UserError
+from controlplane.errors import LlmctlError, RetryableError, UserError
 from controlplane.rundir import RunDir
 from controlplane.supervisor import policy as P
 
@@ -63,9 +63,14 @@ class RayJobs:
     def _call(self, fn: Callable[[Any], Any]) -> Any:
         try:
             return fn(self._c())
-        except Exception:
+        except LlmctlError:
             self._client = None  # reconnect next time (the head may have moved or restarted)
             raise
+        except (OSError, RuntimeError) as exc:  # the dashboard dropped the connection, timed out, ...
+            self._client = None
+            raise RetryableError(
+                f"Ray Jobs API: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+            ) from exc
 
     def status(self, sid: str) -> P.JobStatus:
         from controlplane import ray_cluster
