@@ -17,6 +17,7 @@ import time
 import pytest
 
 from controlplane.context import Context
+from controlplane.errors import RetryableError
 from controlplane.spec import RunSpec
 from controlplane.supervisor import store
 from controlplane.supervisor.loop import Supervisor, SupervisorBusy
@@ -213,6 +214,7 @@ DRIVER = """
 import sys, time
 from pathlib import Path
 from controlplane.context import Context
+from controlplane.errors import RetryableError
 from controlplane.supervisor.loop import Supervisor
 from controlplane.supervisor.policy import PolicyConfig
 from tests.unit.supervisor_harness import ProcessJobs
@@ -253,3 +255,34 @@ def test_supervisor_killed_at_random_moments_never_duplicates_an_attempt(env, tm
     assert [a["attempt"] for a in ctx.ledger.attempts("sigkill")] == list(range(1, len(subs) + 1)), why
     assert len(subs) == 4 and kills >= 3, why
     assert max(steps_of(rd)) == 24
+
+
+class LossyJobs(ProcessJobs):
+    """The Jobs API's connection drops on the first submission: before the job is created, or after."""
+
+    def __init__(self, state_dir, after: bool):
+        super().__init__(state_dir)
+        self.after, self.dropped = after, False
+
+    def submit(self, run_dir, attempt, **kw):
+        if not self.dropped:
+            self.dropped = True
+            if self.after:
+                super().submit(run_dir, attempt, **kw)
+            raise RetryableError("Ray Jobs API: ConnectionError: Remote end closed connection without response")
+        return super().submit(run_dir, attempt, **kw)
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before-create", "after-create"])
+def test_dropped_submission_is_retried_without_a_duplicate(tmp_path, after):
+    ctx = Context.load()
+    jobs = LossyJobs(tmp_path / "lossy", after)
+    sup = Supervisor(ctx, jobs, config=CONFIG)
+    try:
+        make_run(ctx.ledger, ctx.storage, "lossy", spec(steps=6), {"steps": 6, "step_s": 0.02})
+        assert wait_terminal(sup, ctx.ledger, "lossy") == "succeeded"
+        assert jobs.dropped and jobs.submissions() == ["lossy-a1"]
+        assert [a["job_id"] for a in ctx.ledger.attempts("lossy")] == ["lossy-a1"]
+    finally:
+        sup.close()
+        jobs.kill_all()
