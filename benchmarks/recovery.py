@@ -8,13 +8,14 @@ global batch and sequence length:
 
 - llmctl, tier 1: a worker is SIGKILLed at step K (the job's `kill_worker` drill); the job
   replaces it in-attempt from a survivor's memory. Crash = the drill's `fault_injected` event;
-  first step = the first `step` event after it.
+  first step = the first `step` event after the job saw the failure (steps already in flight
+  may still complete between the two).
 - llmctl, tier 2: the job driver exits at step K (`exit_driver` drill); the supervisor
   submits attempt 2, which resumes from the newest verified checkpoint.
 - Ray Train (baseline): `ray.train.torch.TorchTrainer` with `FailureConfig(max_failures=2)`,
   rank 1 SIGKILLs itself at step K; Ray Train restarts the worker group and restores the
-  last reported checkpoint. Crash = the moment before the kill; first step = the first step
-  completed after the restore.
+  last reported checkpoint (the kill waits 3 s so that checkpoint is registered). Crash = the
+  moment before the kill; first step = the first step completed after the restart.
 
 It also prints the checkpoint blocking ratio: the time training is blocked by an async save
 (copy to host) over a synchronous save (copy + write), both measured from the jobs' events.
@@ -86,7 +87,9 @@ def llmctl_tier1(ctx: Context, args: argparse.Namespace) -> tuple[float, list[di
     if state != "succeeded":
         raise SystemExit(f"llmctl tier-1 run {state}")
     t_kill = next(e["ts"] for e in events if e["type"] == "fault_injected")
-    return first_step_after(events, t_kill) - t_kill, events
+    # steps already in flight may still complete after the kill: count from the detection
+    t_seen = min(e["ts"] for e in events if e["type"] == "failure" and e["ts"] >= t_kill)
+    return first_step_after(events, t_seen) - t_kill, events
 
 
 def llmctl_tier2(ctx: Context, args: argparse.Namespace) -> tuple[float, list[dict]]:
@@ -134,6 +137,7 @@ def ray_train_loop(cfg: dict) -> None:
     gen = torch.Generator().manual_seed(cfg["seed"] + rank)
     for step in range(start + 1, cfg["steps"] + 1):
         if rank == 1 and step == cfg["kill_at"] and not marker.exists():
+            time.sleep(3.0)  # let Ray Train register the last reported checkpoint before the crash
             marker.write_text(repr(time.time()))
             os.kill(os.getpid(), signal.SIGKILL)
         batch = torch.randint(0, dims.vocab_size, (per_rank, cfg["seq_len"] + 1), generator=gen)
