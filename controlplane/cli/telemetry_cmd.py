@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -81,10 +82,8 @@ def serve(
         write_atomic(port_file, str(bound).encode())
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        with contextlib.suppress(ValueError):  # not the main thread (tests)
             signal.signal(sig, lambda *_: done.set())
-        except ValueError:  # not the main thread (tests)
-            pass
     done.wait(duration if duration > 0 else None)
     server.shutdown()
     exporter.stop()

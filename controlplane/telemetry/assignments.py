@@ -19,6 +19,7 @@ GPUs match by UUID when both sides know it, else by NVML index.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -61,10 +62,8 @@ class Assignment:
         write_atomic(self.path, json.dumps(self.record).encode())
 
     def release(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def assign_gpus(

@@ -310,9 +310,8 @@ class FakeNvml:
             out = []
             for fid in field_ids:
                 ret, vtype, value = pynvml.NVML_SUCCESS, pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, 0
-                if fid == pynvml.NVML_FI_DEV_POWER_AVERAGE and g.arch in ("ampere", "hopper"):
-                    value = self._power_mw(g)
-                elif fid == pynvml.NVML_FI_DEV_POWER_INSTANT and g.arch in ("ampere", "hopper"):
+                power_fields = (pynvml.NVML_FI_DEV_POWER_AVERAGE, pynvml.NVML_FI_DEV_POWER_INSTANT)
+                if fid in power_fields and g.arch in ("ampere", "hopper"):
                     value = self._power_mw(g)
                 elif fid == pynvml.NVML_FI_DEV_ENERGY and g.arch != "pascal":
                     vtype, value = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, int(g.energy_mj)

@@ -22,6 +22,7 @@ stays in the sample with `lost=True` so the health check and the exporter can sa
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import threading
@@ -226,16 +227,12 @@ class NvmlSampler:
     def close(self) -> None:
         with self._lock:
             if self._event_set is not None:
-                try:
+                with contextlib.suppress(Exception):
                     self.nvml.nvmlEventSetFree(self._event_set)
-                except Exception:
-                    pass
                 self._event_set = None
             if self._initialized:
-                try:
+                with contextlib.suppress(Exception):
                     self.nvml.nvmlShutdown()
-                except Exception:
-                    pass
                 self._initialized = False
 
     def __enter__(self) -> NvmlSampler:
@@ -334,10 +331,8 @@ class NvmlSampler:
     def _sample_gpu(self, g: _Gpu) -> GpuSample:
         s = GpuSample(index=g.index, uuid=g.uuid, name=g.name)
         if not g.lost and g.handle is not None:
-            try:
+            with contextlib.suppress(_Lost):
                 self._fill(g, s)
-            except _Lost:
-                pass
         s.lost = g.lost
         s.counter_resets = g.counter_resets
         s.xid_counts = dict(g.xid_counts)
