@@ -73,16 +73,18 @@ class PowerChoice:
 def candidate_limits(
     min_w: float, max_w: float, step_w: float = STEP_W, max_candidates: int = MAX_CANDIDATES
 ) -> list[float]:
-    """Limits to try, from `max_w` down to `min_w` (both included), `step_w` apart or wider (pure)."""
-    if max_w <= 0 or min_w <= 0 or min_w > max_w:
-        raise ValueError(f"bad power limit range [{min_w}, {max_w}]")
-    span = max_w - min_w
-    if span == 0:
-        return [float(max_w)]
-    n = min(max_candidates, int(span // step_w) + 1)
-    n = max(n, 2)
-    step = span / (n - 1)
-    return [round(max_w - i * step, 1) for i in range(n)]
+    """Limits to try: from `max_w` down in `step_w` steps, not below `min_w`, at most `max_candidates` (pure).
+
+    The sweep starts at the top because under a small allowed slowdown the answer lies near it.
+    """
+    if max_w <= 0 or min_w <= 0 or min_w > max_w or step_w <= 0 or max_candidates < 1:
+        raise ValueError(f"bad power limit range [{min_w}, {max_w}] / step {step_w}")
+    out = []
+    watts = float(max_w)
+    while watts >= min_w - 1e-9 and len(out) < max_candidates:
+        out.append(round(watts, 1))
+        watts -= step_w
+    return out
 
 
 def choose_power_limit(points: list[CalibrationPoint], max_slowdown: float) -> PowerChoice:
