@@ -11,8 +11,10 @@ touches the ledger):
     power.py        apply_power_policy(RunSpec.power, ...) -> handle; handle.restore()
     health.py       XID / uncorrectable ECC / lost GPU -> <storage>/telemetry/health/<node>.json
     energy.py       the per-run energy ledger: kWh, J/token, W per GPU, facility kWh, kg CO2e
+    worker.py       start_worker_telemetry(...): the four steps below in one call, and tel.stop()
 
-What a training job does on each worker (all three are no-ops without a GPU):
+What a training job does on each worker (`worker.start_worker_telemetry` does exactly this;
+all of it is a no-op without a GPU):
 
     from controlplane.telemetry.assignments import assign_gpus, cuda_visible_gpus
     from controlplane.telemetry.meter import EnergyMeter
