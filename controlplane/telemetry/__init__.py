@@ -4,6 +4,7 @@ Modules (none imports Ray or torch; jobs may import any of them except `energy`,
 touches the ledger):
 
     sampler.py      NvmlSampler(nvml): one NodeSample of every GPU; every NVML failure handled
+    nvml.py         loading pynvml, naming NVML errors, reading field values
     fake_nvml.py    FakeNvml: a stateful stand-in for `pynvml` where no GPU exists
     exporter.py     TelemetryExporter: llmctl_gpu_* metrics, one per node (`llmctl telemetry serve`)
     assignments.py  which GPUs belong to which run (files the exporter reads to label run_id)
