@@ -1,4 +1,4 @@
-"""NVML access helpers shared by the sampler and the power policy: loading, error kinds, field values."""
+"""NVML access shared by the sampler and the power policy: loading pynvml, naming errors, reading field values."""
 
 from __future__ import annotations
 
