@@ -20,6 +20,7 @@ from controlplane.cli import (
     simulate_cmd,
     spec_cmd,
     supervise_cmd,
+    telemetry_cmd,
 )
 from controlplane.cli.common import ClusterOpt, LlmctlGroup, err, out
 
@@ -39,6 +40,7 @@ app.command("plan")(plan_cmd.plan)
 app.command("simulate")(simulate_cmd.simulate)
 app.add_typer(node_cmd.app, name="node")
 app.command("supervise")(supervise_cmd.supervise)
+app.add_typer(telemetry_cmd.app, name="telemetry")
 
 
 @app.command()
