@@ -13,6 +13,7 @@ import typer
 from controlplane import __version__
 from controlplane.cli import (
     cluster_cmd,
+    data_cmd,
     doctor_cmd,
     node_cmd,
     plan_cmd,
@@ -41,6 +42,7 @@ app.command("simulate")(simulate_cmd.simulate)
 app.add_typer(node_cmd.app, name="node")
 app.command("supervise")(supervise_cmd.supervise)
 app.add_typer(telemetry_cmd.app, name="telemetry")
+app.add_typer(data_cmd.app, name="data")
 
 
 @app.command()
