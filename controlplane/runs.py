@@ -10,7 +10,6 @@ attempt that is still alive stops writing), and submits `<run_id>-a<N>` through 
 from __future__ import annotations
 
 import contextlib
-import json
 import secrets
 import statistics
 import time
@@ -18,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.context import Context
-from controlplane.errors import UserError
+from controlplane.data import read_meta
+from controlplane.errors import CorruptFileError, UserError
 from controlplane.rundir import RunDir
 from controlplane.spec import RunSpec, dump_spec, read_record
 from controlplane.states import AttemptState, RunState
@@ -28,21 +28,12 @@ def new_run_id(name: str) -> str:
     return f"{name}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def dataset_meta(dataset_dir: Path) -> dict[str, Any]:
-    meta = dataset_dir / "meta.json"
-    try:
-        return json.loads(meta.read_text())
-    except FileNotFoundError:
-        raise UserError(
-            f"data.path: no prepared dataset at {dataset_dir} (run `llmctl data prepare --out {dataset_dir}`)"
-        ) from None
-    except json.JSONDecodeError:
-        raise UserError(f"{meta}: not valid JSON; prepare the dataset again") from None
-
-
 def create_run(ctx: Context, spec: RunSpec, run_id: str | None = None) -> RunDir:
     dataset_dir = ctx.dataset_dir(spec.data.path)
-    dataset_meta(dataset_dir)
+    try:
+        read_meta(dataset_dir)
+    except CorruptFileError as exc:
+        raise UserError(f"data.path: {exc}") from None
     run_id = run_id or new_run_id(spec.name)
     run_dir = ctx.run_dir(run_id).create()
     run_dir.write_spec(
