@@ -116,12 +116,12 @@ def resolve_paths(settings: InfraSettings, base: Path) -> tuple[Path, Path]:
 
 
 def main(spec: ClusterSpec | None = None, dashboards_dir: Path | None = None) -> InfraOutputs:
-    """Entry point under the Pulumi engine (CLI or Automation API)."""
+    """Entry point under the Pulumi engine. With no `spec`, the spec and dashboards come from the stack config
+    (paths relative to the project directory, the engine's working directory)."""
     settings = settings_from_stack()
-    if spec is None or dashboards_dir is None:
-        spec_path, default_dashboards = resolve_paths(settings, Path.cwd())
-        spec = spec or load_spec(ClusterSpec, spec_path)
-        dashboards_dir = dashboards_dir or default_dashboards
+    if spec is None:
+        spec_path, dashboards_dir = resolve_paths(settings, Path.cwd())
+        spec = load_spec(ClusterSpec, spec_path)
     outputs = build(spec, settings, secrets_from_stack(), dashboards_dir)
     outputs.export()
     return outputs

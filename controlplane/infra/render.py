@@ -40,6 +40,7 @@ class Registration:
     inputs: dict[str, Any]
     custom: bool
     secret_paths: list[str] = field(default_factory=list)  # inputs the program marked secret, e.g. "stringData"
+    provider: str = ""  # provider reference (URN::id); empty for the default provider
 
 
 def _unwrap(value: Any, path: str, secret_paths: list[str]) -> Any:
@@ -67,7 +68,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict]:
         secret_paths: list[str] = []
         inputs = _unwrap(dict(args.inputs), "", secret_paths)
-        self.registrations.append(Registration(args.typ, args.name, inputs, bool(args.custom), secret_paths))
+        self.registrations.append(
+            Registration(args.typ, args.name, inputs, bool(args.custom), secret_paths, args.provider or "")
+        )
         meta = inputs.get("metadata") or {}
         rid = "/".join(p for p in (meta.get("namespace"), meta.get("name") or args.name) if p)
         return rid or args.name, dict(args.inputs)
