@@ -103,8 +103,12 @@ def placeholder_secrets() -> InfraSecrets:
     )
 
 
-def run_under_mocks(fn, mocks: pulumi.runtime.Mocks, stack: str = "render") -> Any:
-    """Run `fn` (which declares resources) to completion under `mocks`, isolated in a fresh context."""
+def run_under_mocks(fn, mocks: pulumi.runtime.Mocks, then=None, stack: str = "render") -> Any:
+    """Run `fn` (which declares resources) to completion under `mocks`, isolated in a fresh context.
+
+    `then`, an async function, receives fn's result while the runtime is still up (to await outputs);
+    what it returns is returned, else fn's result.
+    """
     from pulumi.runtime.stack import run_pulumi_func
     from pulumi.runtime.sync_await import _sync_await
 
@@ -113,8 +117,15 @@ def run_under_mocks(fn, mocks: pulumi.runtime.Mocks, stack: str = "render") -> A
     def inner() -> None:
         pulumi.runtime.set_mocks(mocks, project="llmctl", stack=stack, preview=False)
 
-        def body() -> None:
+        def body() -> Any:
             result["value"] = fn()
+            if then is not None:
+
+                async def after() -> None:
+                    result["value"] = await then(result["value"])
+
+                return after()
+            return None
 
         _sync_await(run_pulumi_func(body))
 
