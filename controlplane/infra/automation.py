@@ -12,9 +12,11 @@ Secret outputs are reported as `[secret]`, never their value.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Callable
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,8 @@ def _stack(stack_name: str, spec: ClusterSpec, dashboards: Path | None, work_dir
     from controlplane.infra import program
 
     cli = require_cli()
-    command = auto.PulumiCommand(root=str(Path(cli).parent.parent)) if "/" in cli else None
+    # On $PATH the Automation API finds it itself; the installer's place needs its root.
+    command = None if shutil.which("pulumi") else auto.PulumiCommand(root=str(Path(cli).parent.parent))
     work_dir.mkdir(parents=True, exist_ok=True)
     env = {"PULUMI_BACKEND_URL": backend} if backend else {}
     opts = auto.LocalWorkspaceOptions(
@@ -75,37 +78,42 @@ def _stack(stack_name: str, spec: ClusterSpec, dashboards: Path | None, work_dir
     return stack
 
 
-def _run(fn: Callable[[], Any]) -> Any:
+@contextlib.contextmanager
+def _engine_errors() -> Iterator[None]:
+    """A failed Pulumi command becomes one line: the last error line it printed."""
     from pulumi import automation as auto
 
     try:
-        return fn()
+        yield
     except auto.CommandError as exc:
-        lines = [ln for ln in (exc.stderr or str(exc)).splitlines() if ln.strip()]
+        text = exc.stderr if getattr(exc, "stderr", None) else str(exc)
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         error = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1] if lines else "failed")
-        raise InfraCommandFailed(error.strip()) from None
+        raise InfraCommandFailed(f"pulumi: {error.removeprefix('stderr:').strip()}") from None
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise InfraCommandFailed(f"pulumi: cannot run the CLI ({exc})") from None
 
 
 def preview(stack_name, spec, dashboards, work_dir, backend=None, on_output=print) -> dict[str, int]:
-    stack = _stack(stack_name, spec, dashboards, work_dir, backend)
-    result = _run(lambda: stack.preview(on_output=on_output))
-    return dict(result.change_summary)
+    with _engine_errors():
+        stack = _stack(stack_name, spec, dashboards, work_dir, backend)
+        return dict(stack.preview(on_output=on_output).change_summary)
 
 
 def up(stack_name, spec, dashboards, work_dir, backend=None, on_output=print) -> dict[str, Any]:
-    stack = _stack(stack_name, spec, dashboards, work_dir, backend)
-    result = _run(lambda: stack.up(on_output=on_output))
-    return redact_outputs(result.outputs)
+    with _engine_errors():
+        stack = _stack(stack_name, spec, dashboards, work_dir, backend)
+        return redact_outputs(stack.up(on_output=on_output).outputs)
 
 
 def destroy(stack_name, spec, dashboards, work_dir, backend=None, on_output=print) -> None:
-    stack = _stack(stack_name, spec, dashboards, work_dir, backend)
-    _run(lambda: stack.destroy(on_output=on_output))
+    with _engine_errors():
+        _stack(stack_name, spec, dashboards, work_dir, backend).destroy(on_output=on_output)
 
 
 def outputs(stack_name, spec, dashboards, work_dir, backend=None) -> dict[str, Any]:
-    stack = _stack(stack_name, spec, dashboards, work_dir, backend)
-    return redact_outputs(_run(stack.outputs))
+    with _engine_errors():
+        return redact_outputs(_stack(stack_name, spec, dashboards, work_dir, backend).outputs())
 
 
 def redact_outputs(values: dict[str, Any]) -> dict[str, Any]:

@@ -100,3 +100,25 @@ def test_engine_commands_without_the_pulumi_cli_say_what_is_missing(verb, tmp_pa
 def test_the_cli_does_not_import_pulumi_until_an_infra_command_runs():
     code = "import sys, controlplane.cli.main; sys.exit(1 if any(m.startswith('pulumi') for m in sys.modules) else 0)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
+
+
+def test_a_failing_pulumi_cli_is_one_line_and_exit_1(tmp_path, monkeypatch):
+    """A stand-in `pulumi` (the real CLI cannot be installed here) that answers `version` and fails the rest."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    fake = bin_dir / "pulumi"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = version ]; then echo v3.200.0; exit 0; fi\n'
+        f'echo "$@" >> {calls}\n'
+        'echo "error: failed to reach the state backend" >&2\nexit 255\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    work = tmp_path / "work"
+    result = runner.invoke(app, ["infra", "up", "-c", REFERENCE, "--work-dir", str(work)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: pulumi: error: failed to reach the state backend"
+    assert "stack select --stack reference" in calls.read_text()  # the stack is named after the spec
+    assert (work / "Pulumi.yaml").is_file()
