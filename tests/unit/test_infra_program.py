@@ -288,3 +288,43 @@ def test_specs_infra_cannot_provision_fail_with_one_line(changes, message):
 def test_host_network_without_node_cidrs_is_a_spec_error():
     with pytest.raises(ConfigurationError, match="host_network requires node_cidrs"):
         _spec(network__host_network=True)
+
+
+def test_the_pulumi_project_entry_point_reads_the_stack_config(monkeypatch):
+    import runpy
+
+    monkeypatch.chdir(ROOT / "infra")
+    mocks = RecordingMocks()
+
+    def entry_point() -> None:
+        secret = ["llmctl:rayAuthToken", "llmctl:grafanaAdminPassword"]
+        config = {
+            "llmctl:clusterSpec": "../examples/cluster-reference.yaml",
+            "llmctl:prometheusStorageSize": "2Ti",
+            "llmctl:rayAuthToken": TOKEN,
+            "llmctl:grafanaAdminPassword": PASSWORD,
+        }
+        pulumi.runtime.set_all_config(config, secret_keys=secret)
+        runpy.run_path("__main__.py", run_name="__main__")
+
+    run_under_mocks(entry_point, mocks)
+    (rc,) = mocks.of_kind("RayCluster")
+    assert rc["spec"]["workerGroupSpecs"][0]["replicas"] == 116
+    (kps,) = [r for r in mocks.helm_releases() if r["chart"] == "kube-prometheus-stack"]
+    storage = kps["values"]["prometheus"]["prometheusSpec"]["storageSpec"]["volumeClaimTemplate"]["spec"]
+    assert storage["resources"]["requests"]["storage"] == "2Ti"
+
+
+def test_the_entry_point_without_secret_config_fails_before_declaring_secrets(monkeypatch):
+    monkeypatch.chdir(ROOT / "infra")
+    mocks = RecordingMocks()
+
+    def entry_point() -> None:
+        from controlplane.infra import program
+
+        pulumi.runtime.set_all_config({"llmctl:clusterSpec": "../examples/cluster-reference.yaml"}, secret_keys=[])
+        program.main()
+
+    with pytest.raises(pulumi.ConfigMissingError, match="rayAuthToken"):
+        run_under_mocks(entry_point, mocks)
+    assert not [r for r in mocks.registrations if r.type == "kubernetes:core/v1:Secret"]
