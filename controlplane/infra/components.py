@@ -16,6 +16,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 import yaml
 
+from controlplane.infra import addons
 from controlplane.infra import manifests as m
 from controlplane.infra.settings import InfraSecrets, InfraSettings
 from controlplane.spec import ClusterSpec
@@ -73,7 +74,7 @@ class GpuOperator(pulumi.ComponentResource):
     def __init__(self, name: str, spec: ClusterSpec, names: m.Names, opts: pulumi.ResourceOptions) -> None:
         super().__init__(f"{PKG}:GpuOperator", name, None, opts)
         chart = spec.kubernetes.charts.gpu_operator
-        values = m.gpu_operator_values(spec)
+        values = addons.gpu_operator_values(spec)
         self.release = _release(
             "gpu-operator", chart, names.system_namespace, values, pulumi.ResourceOptions(parent=self)
         )
@@ -118,7 +119,7 @@ class RayPlatform(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         k = spec.kubernetes
         self.operator = _release(
-            "kuberay-operator", k.charts.kuberay_operator, names.system_namespace, m.kuberay_values(spec), child
+            "kuberay-operator", k.charts.kuberay_operator, names.system_namespace, addons.kuberay_values(spec), child
         )
         self.token = k8s.core.v1.Secret(
             k.ray_auth_secret,
@@ -180,17 +181,17 @@ class Monitoring(pulumi.ComponentResource):
         self.dashboards = [
             k8s.core.v1.ConfigMap(
                 cm_name,
-                metadata=_meta(cm_name, ns, {m.DASHBOARD_LABEL: "1"}),
+                metadata=_meta(cm_name, ns, {addons.DASHBOARD_LABEL: "1"}),
                 data={file_name: text},
                 opts=child,
             )
-            for cm_name, file_name, text in m.dashboard_files(dashboards_dir)
+            for cm_name, file_name, text in addons.dashboard_files(dashboards_dir)
         ]
         self.release = _release(
             names.monitoring_release,
             k.charts.kube_prometheus_stack,
             ns,
-            m.monitoring_values(spec, names, settings),
+            addons.monitoring_values(spec, names, settings),
             pulumi.ResourceOptions(parent=self, depends_on=[self.admin]),
         )
         self.ray_monitor = k8s.apiextensions.CustomResource(
@@ -198,7 +199,7 @@ class Monitoring(pulumi.ComponentResource):
             api_version="monitoring.coreos.com/v1",
             kind="PodMonitor",
             metadata=_meta("ray-pods", ns),
-            spec=m.ray_pod_monitor(names),
+            spec=addons.ray_pod_monitor(names),
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.release]),
         )
         self.grafana_url = self.release.id.apply(lambda _: names.grafana_url)

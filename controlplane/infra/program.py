@@ -14,6 +14,7 @@ from typing import Any
 
 import pulumi
 
+from controlplane.infra import addons
 from controlplane.infra import manifests as m
 from controlplane.infra.components import (
     GpuOperator,
@@ -55,7 +56,7 @@ def build(
 ) -> InfraOutputs:
     """Declare everything for `spec`. Raises ConfigurationError before declaring anything if the spec does not fit."""
     m.check_spec(spec)
-    m.dashboard_files(dashboards_dir)  # fail on a bad dashboard before any resource exists
+    addons.dashboard_files(dashboards_dir)  # fail on a bad dashboard before any resource exists
     names = m.Names.of(spec)
     providers: list[pulumi.ProviderResource] = []
     kubeconfig = None

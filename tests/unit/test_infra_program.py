@@ -14,6 +14,7 @@ import pulumi
 import pytest
 
 from controlplane.errors import ConfigurationError
+from controlplane.infra import addons
 from controlplane.infra import manifests as m
 from controlplane.infra.render import RecordingMocks, render, run_under_mocks, write_render
 from controlplane.spec import ClusterSpec, load_spec, validate
@@ -255,14 +256,14 @@ def test_dashboards_become_labelled_configmaps(tmp_path):
     (dashboards / "llmctl-power.json").write_text(json.dumps({"uid": "llmctl-power", "panels": []}))
     (dashboards / "notes.txt").write_text("not a dashboard")
     rec = render(load_spec(ClusterSpec, REFERENCE), dashboards_dir=dashboards)
-    cms = [c for c in rec.of_kind("ConfigMap") if c["metadata"]["labels"].get(m.DASHBOARD_LABEL) == "1"]
+    cms = [c for c in rec.of_kind("ConfigMap") if c["metadata"]["labels"].get(addons.DASHBOARD_LABEL) == "1"]
     assert sorted(c["metadata"]["name"] for c in cms) == [
         "llmctl-dashboard-llmctl-power",
         "llmctl-dashboard-llmctl-training",
     ]
     assert all(c["metadata"]["namespace"] == "llmctl-monitoring" for c in cms)
     (release,) = [r for r in rec.helm_releases() if r["chart"] == "kube-prometheus-stack"]
-    assert release["values"]["grafana"]["sidecar"]["dashboards"]["label"] == m.DASHBOARD_LABEL
+    assert release["values"]["grafana"]["sidecar"]["dashboards"]["label"] == addons.DASHBOARD_LABEL
     assert release["values"]["grafana"]["admin"]["existingSecret"] == "llmctl-grafana-admin"
     (dashboards / "broken.json").write_text("{not json")
     with pytest.raises(ConfigurationError, match="broken.json: not valid JSON"):
