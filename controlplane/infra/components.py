@@ -224,10 +224,12 @@ class Supervisor(pulumi.ComponentResource):
         volumes: list[dict[str, Any]] = [
             {"name": "shared", "persistentVolumeClaim": {"claimName": names.shared_claim}},
             {"name": "cluster-spec", "configMap": {"name": names.spec_configmap}},
+            {"name": "tmp", "emptyDir": {}},  # the root file system is read-only
         ]
         mounts: list[dict[str, Any]] = [
             {"name": "shared", "mountPath": spec.storage.root},
             {"name": "cluster-spec", "mountPath": m.IN_CLUSTER_SPEC_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
         ]
         depends: list[pulumi.Resource] = [ray]
         if not spec.ledger_url:
@@ -260,7 +262,7 @@ class Supervisor(pulumi.ComponentResource):
                                 "name": "supervisor",
                                 "image": k.supervisor_image,
                                 "command": list(k.supervisor_command),
-                                "env": m.ray_env(spec),
+                                "env": [*m.ray_env(spec), {"name": "HOME", "value": "/tmp"}],
                                 "volumeMounts": mounts,
                                 "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
                                 "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},

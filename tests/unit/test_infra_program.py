@@ -188,6 +188,9 @@ def _by_key(rec: RecordingMocks) -> dict[tuple[str, str, str], Any]:
 def test_changing_the_node_count_changes_only_the_worker_group_and_the_in_cluster_spec(reference):
     before = _by_key(reference)
     assert before == _by_key(render(load_spec(ClusterSpec, REFERENCE)))  # deterministic, isolated renders
+    from pulumi.runtime.settings import ROOT, SETTINGS
+
+    assert SETTINGS.monitor is None and ROOT.get() is None  # no render leaks runtime state into this context
     after = _by_key(render(_spec(node_groups__1__node_count=100)))
     assert before.keys() == after.keys()
     changed = {k for k in before if before[k] != after[k]}
