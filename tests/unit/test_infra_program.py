@@ -332,3 +332,23 @@ def test_the_entry_point_without_secret_config_fails_before_declaring_secrets(mo
     with pytest.raises(pulumi.ConfigMissingError, match="rayAuthToken"):
         run_under_mocks(entry_point, mocks)
     assert not [r for r in mocks.registrations if r.type == "kubernetes:core/v1:Secret"]
+
+
+def test_rendered_objects_match_the_kubernetes_api_schema(reference):
+    """Round-trip through the Kubernetes client's models: a misspelt or misplaced field is dropped, and shows."""
+    from kubernetes.client import ApiClient
+
+    api = ApiClient()
+
+    def round_trip(obj: dict[str, Any], model: str) -> dict[str, Any]:
+        return api.sanitize_for_serialization(api.deserialize(json.dumps(obj), model, "application/json"))
+
+    checked = 0
+    for obj in reference.kubernetes_objects():
+        if obj["apiVersion"] in ("v1", "apps/v1", "networking.k8s.io/v1"):
+            assert round_trip(obj, f"V1{obj['kind']}") == obj, obj["metadata"]["name"]
+            checked += 1
+    (rc,) = reference.of_kind("RayCluster")
+    for template in [rc["spec"]["headGroupSpec"]["template"], *(w["template"] for w in rc["spec"]["workerGroupSpecs"])]:
+        assert round_trip(template, "V1PodTemplateSpec") == template
+    assert checked == len(reference.kubernetes_objects()) - 2  # all but the RayCluster and the PodMonitor
