@@ -172,7 +172,7 @@ class HelmCharts(StrictModel):
     )
     kuberay_operator: HelmChart = Field(
         default_factory=lambda: HelmChart(
-            repo="https://ray-project.github.io/kuberay-helm/", chart="kuberay-operator", version="1.5.0"
+            repo="https://ray-project.github.io/kuberay-helm/", chart="kuberay-operator", version="1.5.1"
         ),
         description="KubeRay operator (RayCluster custom resource).",
     )
@@ -222,7 +222,9 @@ class KubernetesOptions(StrictModel):
         "GPU operator then leaves them alone.",
     )
     ray_auth_secret: str = Field(
-        "llmctl-ray-auth", pattern=NAME_PATTERN, description="Secret holding the Ray auth token (key 'token')."
+        "llmctl-ray-auth",
+        pattern=NAME_PATTERN,
+        description="Secret holding the Ray auth token (key 'auth_token', KubeRay's convention).",
     )
     grafana_admin_secret: str = Field(
         "llmctl-grafana-admin",

@@ -125,7 +125,7 @@ class RayPlatform(pulumi.ComponentResource):
             k.ray_auth_secret,
             metadata=_meta(k.ray_auth_secret, names.namespace),
             type="Opaque",
-            string_data={"token": secrets.ray_auth_token},
+            string_data={"auth_token": secrets.ray_auth_token},
             opts=child,
         )
         self.spec_config = k8s.core.v1.ConfigMap(

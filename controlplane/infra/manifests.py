@@ -193,7 +193,7 @@ def ray_env(spec: ClusterSpec) -> list[dict[str, Any]]:
         {"name": "RAY_AUTH_MODE", "value": "token"},
         {
             "name": "RAY_AUTH_TOKEN",
-            "valueFrom": {"secretKeyRef": {"name": spec.kubernetes.ray_auth_secret, "key": "token"}},
+            "valueFrom": {"secretKeyRef": {"name": spec.kubernetes.ray_auth_secret, "key": "auth_token"}},
         },
         {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
         {"name": "LLMCTL_CLUSTER", "value": IN_CLUSTER_SPEC},

@@ -33,7 +33,7 @@ def test_render_writes_every_object_and_the_helm_records(tmp_path):
     charts = {yaml.safe_load((out / f).read_text())["chart"] for f in files if f.startswith("helm/")}
     assert charts == {"gpu-operator", "kuberay-operator", "kube-prometheus-stack"}
     secret = yaml.safe_load((out / "llmctl" / "secret-llmctl-ray-auth.yaml").read_text())
-    assert secret["stringData"] == {"token": "<set from Pulumi secret config; not rendered>"}
+    assert secret["stringData"] == {"auth_token": "<set from Pulumi secret config; not rendered>"}
     in_cluster = yaml.safe_load((out / "llmctl" / "configmap-llmctl-cluster.yaml").read_text())["data"]["cluster.yaml"]
     assert yaml.safe_load(in_cluster)["address"] == "http://reference-head-svc.llmctl.svc.cluster.local:8265"
 

@@ -226,7 +226,7 @@ def test_secrets_from_secret_config_stay_secret(tmp_path):
             env = r.inputs["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
             assert {"name": "RAY_AUTH_MODE", "value": "token"} in env
             (tok,) = [e for e in env if e["name"] == "RAY_AUTH_TOKEN"]
-            assert tok["valueFrom"] == {"secretKeyRef": {"name": "llmctl-ray-auth", "key": "token"}}
+            assert tok["valueFrom"] == {"secretKeyRef": {"name": "llmctl-ray-auth", "key": "auth_token"}}
     files = write_render(mocks, tmp_path / "out")
     text = "".join(f.read_text() for f in files)
     assert TOKEN not in text and PASSWORD not in text and "llmctl-ray-auth" in text
