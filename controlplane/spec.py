@@ -166,7 +166,7 @@ class HelmChart(StrictModel):
 class HelmCharts(StrictModel):
     gpu_operator: HelmChart = Field(
         default_factory=lambda: HelmChart(
-            repo="https://helm.ngc.nvidia.com/nvidia", chart="gpu-operator", version="v25.10.0"
+            repo="https://helm.ngc.nvidia.com/nvidia", chart="gpu-operator", version="v25.3.4"
         ),
         description="NVIDIA GPU operator (driver, container toolkit, device plugin, DCGM exporter).",
     )
