@@ -19,7 +19,7 @@ import yaml
 from controlplane.infra import addons
 from controlplane.infra import manifests as m
 from controlplane.infra.settings import InfraSecrets, InfraSettings
-from controlplane.spec import ClusterSpec
+from controlplane.spec import ClusterSpec, HelmChart
 
 PKG = "llmctl:infra"
 
@@ -32,7 +32,7 @@ def _meta(name: str, namespace: str | None = None, labels: dict[str, str] | None
 
 
 def _release(
-    name: str, chart: Any, namespace: str, values: dict[str, Any], opts: pulumi.ResourceOptions
+    name: str, chart: HelmChart, namespace: str, values: dict[str, Any], opts: pulumi.ResourceOptions
 ) -> k8s.helm.v3.Release:
     return k8s.helm.v3.Release(
         name,
@@ -137,6 +137,7 @@ class RayPlatform(pulumi.ComponentResource):
         self.policies = [
             k8s.networking.v1.NetworkPolicy(f"{ns}-{pname}", metadata=_meta(pname, ns), spec=body, opts=child)
             for pname, ns, body in m.network_policies(spec, names)
+            if ns == names.namespace
         ]
         self.cluster = k8s.apiextensions.CustomResource(
             names.cluster,
@@ -308,6 +309,11 @@ class ServingPool(pulumi.ComponentResource):
             spec={"hard": {f"requests.{m.GPU_RESOURCE}": str(total)}},
             opts=child,
         )
+        self.policies = [
+            k8s.networking.v1.NetworkPolicy(f"{pns}-{pname}", metadata=_meta(pname, pns), spec=body, opts=child)
+            for pname, pns, body in m.network_policies(spec, names)
+            if pns == ns
+        ]
         self.templates = [
             k8s.core.v1.PodTemplate(
                 f"{names.serve_template}-{g.name}",
