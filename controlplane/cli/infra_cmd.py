@@ -221,7 +221,7 @@ def outputs(
     backend: BackendOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Print the stack outputs (Ray address, Grafana URL, storage claim); secret ones as [secret]."""
+    """Print the stack outputs (Ray address, Grafana URL, storage claim); secret ones masked."""
     from controlplane.infra import automation
 
     _show_outputs(_run(automation.outputs, *_engine_args(cluster, stack, None, work_dir), backend), json_)
