@@ -15,6 +15,7 @@ from controlplane.cli import (
     cluster_cmd,
     data_cmd,
     doctor_cmd,
+    infra_cmd,
     node_cmd,
     plan_cmd,
     run_cmd,
@@ -43,6 +44,7 @@ app.add_typer(node_cmd.app, name="node")
 app.command("supervise")(supervise_cmd.supervise)
 app.add_typer(telemetry_cmd.app, name="telemetry")
 app.add_typer(data_cmd.app, name="data")
+app.add_typer(infra_cmd.app, name="infra")
 
 
 @app.command()
