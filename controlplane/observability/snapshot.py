@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from controlplane.errors import NotFoundError, UserError
-from controlplane.observability.prom import PromClient, Series
+from controlplane.observability.query import PromClient, Series
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
