@@ -83,6 +83,32 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX incidents_run ON incidents(run_id, id);
         """,
     ),
+    (
+        # Energy accounting per run (controlplane/telemetry/energy.py reads and writes it).
+        "0003_telemetry",
+        """
+        CREATE TABLE run_energy (
+            run_id            TEXT PRIMARY KEY REFERENCES runs(run_id),
+            gpus              INTEGER NOT NULL,
+            gpu_seconds       REAL NOT NULL,
+            gpu_joules        REAL NOT NULL,
+            counter_joules    REAL,
+            integrated_joules REAL,
+            disagreement      REAL,
+            tokens            INTEGER,
+            joules_per_token  REAL,
+            gpu_kwh           REAL NOT NULL,
+            facility_kwh      REAL NOT NULL,
+            co2e_kg           REAL NOT NULL,
+            avg_power_w       REAL,
+            pue               REAL NOT NULL,
+            carbon_intensity  REAL NOT NULL,
+            power_json        TEXT NOT NULL DEFAULT '[]',
+            detail_json       TEXT NOT NULL DEFAULT '{}',
+            updated_at        REAL NOT NULL
+        )
+        """,
+    ),
 ]
 
 

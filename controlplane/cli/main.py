@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from controlplane import __version__
-from controlplane.cli import dashboards_cmd, run_cmd, runbook_cmd, spec_cmd
+from controlplane.cli import dashboards_cmd, run_cmd, runbook_cmd, spec_cmd, telemetry_cmd
 from controlplane.cli.common import LlmctlGroup, out
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app = typer.Typer(
 )
 app.add_typer(spec_cmd.app, name="spec")
 app.add_typer(run_cmd.app, name="run")
+app.add_typer(telemetry_cmd.app, name="telemetry")
 app.add_typer(dashboards_cmd.app, name="dashboards")
 app.add_typer(runbook_cmd.app, name="runbook")
 
