@@ -364,6 +364,9 @@ class PowerSpec(StrictModel):
 class MetricsSpec(StrictModel):
     enabled: bool = Field(True, description="Expose llmctl_train_* metrics from rank 0.")
     port: int = Field(0, ge=0, le=65535, description="Port of the metrics endpoint; 0 picks a free one.")
+    host: str = Field(
+        "127.0.0.1", description="Bind address of the metrics endpoint; loopback unless a scraper needs more."
+    )
 
 
 class FaultInjection(StrictModel):
