@@ -177,6 +177,8 @@ UTILIZATION = DashboardDef(
     ),
 )
 
+_RESTARTS = f"llmctl_train_restarts_total{{{RUN_SEL}}}"
+
 TRAINING = DashboardDef(
     uid="llmctl-training",
     title="llmctl / Training run",
@@ -185,7 +187,7 @@ TRAINING = DashboardDef(
     annotations=(
         AnnotationDef(
             "Restarts",
-            f"sum by (run_id, cause) (changes(llmctl_train_restarts_total{{{RUN_SEL}}}[2m])) > 0",
+            f"sum by (run_id, cause) ((changes({_RESTARTS}[2m]) > 0) or ({_RESTARTS} unless {_RESTARTS} offset 2m))",
             "restart: {{cause}}",
         ),
     ),
