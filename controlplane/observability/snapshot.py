@@ -73,6 +73,12 @@ def _draw(ax, panel: SnapshotPanel, series: list[Series]) -> None:
         ax.legend(fontsize=7)
 
 
+def _time_axis(ax, mdates) -> None:
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=7)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+
+
 def snapshot(
     prom_url: str, run_id: str, out_dir: Path, since_s: float = 6 * 3600, end: float | None = None
 ) -> SnapshotResult:
@@ -88,6 +94,10 @@ def snapshot(
     end = end or time.time()
     start = end - since_s
     data = {p.key: _series_for(prom, p, run_id, start, end) for p in PANELS}
+    first = min((s.points[0][0] for series in data.values() for s in series if s.points), default=None)
+    if first is not None and end - first < 0.5 * (end - start):  # a short run: zoom in, finer steps
+        start = max(start, first - 1.0)
+        data = {p.key: _series_for(prom, p, run_id, start, end) for p in PANELS}
     present = [p for p in PANELS if any(s.points for s in data[p.key])]
     if not present:
         raise NotFoundError(
@@ -99,7 +109,7 @@ def snapshot(
     for p in present:
         fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
         _draw(ax, p, data[p.key])
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
+        _time_axis(ax, mdates)
         ax.set_xlabel("time (UTC)")
         fig.suptitle(f"{run_id} - {p.title}", fontsize=10)
         fig.tight_layout()
@@ -111,7 +121,7 @@ def snapshot(
     for ax, p in zip(axes.flat, PANELS, strict=True):
         if p in present:
             _draw(ax, p, data[p.key])
-            ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
+            _time_axis(ax, mdates)
         else:
             ax.set_title(p.title)
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
