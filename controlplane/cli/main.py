@@ -11,7 +11,19 @@ from typing import Annotated
 import typer
 
 from controlplane import __version__
-from controlplane.cli import cluster_cmd, dashboards_cmd, doctor_cmd, run_cmd, runbook_cmd, spec_cmd, telemetry_cmd
+from controlplane.cli import (
+    cluster_cmd,
+    dashboards_cmd,
+    doctor_cmd,
+    node_cmd,
+    plan_cmd,
+    run_cmd,
+    runbook_cmd,
+    simulate_cmd,
+    spec_cmd,
+    supervise_cmd,
+    telemetry_cmd,
+)
 from controlplane.cli.common import ClusterOpt, LlmctlGroup, err, out
 
 app = typer.Typer(
@@ -24,11 +36,15 @@ app = typer.Typer(
 )
 app.add_typer(spec_cmd.app, name="spec")
 app.add_typer(run_cmd.app, name="run")
+app.add_typer(cluster_cmd.app, name="cluster")
+app.command("doctor")(doctor_cmd.doctor)
+app.command("plan")(plan_cmd.plan)
+app.command("simulate")(simulate_cmd.simulate)
+app.add_typer(node_cmd.app, name="node")
+app.command("supervise")(supervise_cmd.supervise)
 app.add_typer(telemetry_cmd.app, name="telemetry")
 app.add_typer(dashboards_cmd.app, name="dashboards")
 app.add_typer(runbook_cmd.app, name="runbook")
-app.add_typer(cluster_cmd.app, name="cluster")
-app.command("doctor")(doctor_cmd.doctor)
 
 
 @app.command()

@@ -15,13 +15,12 @@ import typer
 from rich.table import Table
 
 from controlplane.cli.common import ClusterOpt, JsonOpt, emit_json, err, human_duration, out
+from controlplane.cli.telemetry_cmd import run_energy
 from controlplane.context import Context
 from controlplane.errors import UserError
 from controlplane.rundir import EventTail, RunDir
 from controlplane.spec import RunSpec, load_spec
 from controlplane.states import RunState
-
-from controlplane.cli.telemetry_cmd import run_energy
 
 app = typer.Typer(help="Submit, watch and inspect training runs.", no_args_is_help=True)
 
@@ -239,4 +238,7 @@ def stop(run_id: RunArg, cluster: ClusterOpt = None) -> None:
 
 
 # Verbs defined in other modules are attached here, one line each:
+from controlplane.cli.supervise_cmd import run_goodput  # noqa: E402
+
+app.command("goodput")(run_goodput)
 app.command("energy")(run_energy)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -36,6 +37,15 @@ def _nvml(fake_gpus: int, fake_arch: str) -> tuple[Any, str]:
     from controlplane.telemetry.sampler import load_nvml
 
     return load_nvml(), "nvml"
+
+
+def _animate(nvml: Any, gpus: int, done: threading.Event, period_s: float = 120.0) -> None:
+    """Let the fake GPUs' load drift slowly, so dashboards fed by `--fake-gpus` show moving lines."""
+    t0 = time.monotonic()
+    while not done.wait(1.0):
+        t = time.monotonic() - t0
+        for i in range(gpus):
+            nvml.set_load(i, 0.6 + 0.3 * math.sin(2 * math.pi * t / period_s + i))
 
 
 @app.command()
@@ -81,12 +91,21 @@ def serve(
     if port_file is not None:
         write_atomic(port_file, str(bound).encode())
     done = threading.Event()
+    if source == "fake":
+        threading.Thread(target=_animate, args=(nvml, fake_gpus, done), daemon=True).start()
+    previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(ValueError):  # not the main thread (tests)
-            signal.signal(sig, lambda *_: done.set())
-    done.wait(duration if duration > 0 else None)
-    server.shutdown()
-    exporter.stop()
+        with contextlib.suppress(ValueError):  # not the main thread
+            previous[sig] = signal.signal(sig, lambda *_: done.set())
+    try:
+        done.wait(duration if duration > 0 else None)
+    finally:
+        done.set()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.shutdown()
+        exporter.stop()
+        err.print("telemetry: stopped", markup=False)
 
 
 @app.command()

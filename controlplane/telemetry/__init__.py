@@ -4,6 +4,7 @@ Modules (none imports Ray or torch; jobs may import any of them except `energy`,
 touches the ledger):
 
     sampler.py      NvmlSampler(nvml): one NodeSample of every GPU; every NVML failure handled
+    nvml.py         loading pynvml, naming NVML errors, reading field values
     fake_nvml.py    FakeNvml: a stateful stand-in for `pynvml` where no GPU exists
     exporter.py     TelemetryExporter: llmctl_gpu_* metrics, one per node (`llmctl telemetry serve`)
     assignments.py  which GPUs belong to which run (files the exporter reads to label run_id)
@@ -11,8 +12,10 @@ touches the ledger):
     power.py        apply_power_policy(RunSpec.power, ...) -> handle; handle.restore()
     health.py       XID / uncorrectable ECC / lost GPU -> <storage>/telemetry/health/<node>.json
     energy.py       the per-run energy ledger: kWh, J/token, W per GPU, facility kWh, kg CO2e
+    worker.py       start_worker_telemetry(...): the four steps below in one call, and tel.stop()
 
-What a training job does on each worker (all three are no-ops without a GPU):
+What a training job does on each worker (`worker.start_worker_telemetry` does exactly this;
+all of it is a no-op without a GPU):
 
     from controlplane.telemetry.assignments import assign_gpus, cuda_visible_gpus
     from controlplane.telemetry.meter import EnergyMeter

@@ -11,7 +11,7 @@ which writes `<storage>/telemetry/assignments/<node>/<run_id>.<pid>.json`:
 
     {"run_id", "node", "attempt", "pid", "gpus": [{"index", "uuid"}], "updated_at"}
 
-atomically. The exporter on `<node>` reads the directory each scrape cycle (`gpu_runs`) and
+atomically. The exporter on `<node>` re-reads the directory every few seconds (`gpu_runs`) and
 labels those GPUs' metrics with `run_id`; a file not refreshed for `stale_after_s` (default
 120 s) is ignored, so a worker that died without releasing stops labelling within minutes.
 GPUs match by UUID when both sides know it, else by NVML index.

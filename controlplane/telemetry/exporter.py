@@ -45,6 +45,7 @@ class TelemetryExporter:
         source: str = "nvml",
         interval_s: float = 1.0,
         jpt_every_s: float = 15.0,
+        assignments_every_s: float = 5.0,
     ):
         self.sampler = sampler
         self.cluster = cluster
@@ -53,6 +54,9 @@ class TelemetryExporter:
         self.source = source
         self.interval_s = interval_s
         self.jpt_every_s = jpt_every_s
+        self.assignments_every_s = assignments_every_s
+        self._records: list[dict[str, Any]] = []
+        self._records_at: float | None = None
         self.health = HealthTracker(self.storage_root, node) if self.storage_root else None
         self._lock = threading.Lock()
         self._sample: NodeSample | None = None
@@ -71,11 +75,14 @@ class TelemetryExporter:
         sample = self.sampler.sample()
         runs: dict[int, str] = {}
         if self.storage_root is not None:
-            try:
-                records = read_assignments(self.storage_root, self.node)
-                runs = gpu_runs(records, [(g.index, g.uuid) for g in sample.gpus])
-            except OSError as exc:
-                log.debug("telemetry: assignments unreadable: %s", exc)
+            now = time.monotonic()
+            if self._records_at is None or now - self._records_at >= self.assignments_every_s:
+                self._records_at = now  # a directory listing on shared storage: not every second
+                try:
+                    self._records = read_assignments(self.storage_root, self.node)
+                except OSError as exc:
+                    log.debug("telemetry: assignments unreadable: %s", exc)
+            runs = gpu_runs(self._records, [(g.index, g.uuid) for g in sample.gpus])
             if self.health is not None:
                 try:
                     self.health.update(sample)

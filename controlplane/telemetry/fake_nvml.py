@@ -375,6 +375,13 @@ class FakeNvml:
                 raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
             return int(round(28 + 0.1 * g.power_w))
 
+    def nvmlDeviceGetTemperatureV(self, handle: Any, sensor: int, version: Any = None) -> int:
+        with self._lock:
+            g = self._enter("nvmlDeviceGetTemperatureV", handle)
+            if sensor != pynvml.NVML_TEMPERATURE_GPU:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            return int(round(28 + 0.1 * g.power_w))
+
     def nvmlDeviceGetClockInfo(self, handle: Any, clock_type: int) -> int:
         with self._lock:
             g = self._enter("nvmlDeviceGetClockInfo", handle)

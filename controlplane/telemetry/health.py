@@ -5,8 +5,9 @@
 
 `kind` is "xid" (an XID critical error), "ecc_uncorrectable" (volatile uncorrectable ECC
 errors, or a double-bit ECC event) or "gpu_lost" (NVML says GPU_IS_LOST: fallen off the bus).
-The exporter writes the file atomically after every sample that changes it; the supervisor
-reads it with `read_node_health`. Reasons are sticky for the exporter's lifetime: a GPU that
+The exporter writes the file atomically after every sample that changes it, and at least every
+30 s otherwise (so an old `updated_at` means the exporter is gone); the supervisor reads it
+with `read_node_health`. Reasons are sticky for the exporter's lifetime: a GPU that
 raised an XID needs an operator (or a reboot) before the node is trusted again.
 
 XIDs 43 ("GPU stopped processing": the application faulted) and 45 ("preemptive cleanup":
@@ -69,8 +70,16 @@ def health_reasons(sample: NodeSample, benign_xids: frozenset[int] = BENIGN_XIDS
 class HealthTracker:
     """Accumulates reasons (sticky, deduplicated by kind/gpu/detail) and writes the node's file."""
 
-    def __init__(self, storage_root: str | Path, node: str, benign_xids: frozenset[int] = BENIGN_XIDS):
+    def __init__(
+        self,
+        storage_root: str | Path,
+        node: str,
+        benign_xids: frozenset[int] = BENIGN_XIDS,
+        refresh_s: float = 30.0,
+    ):
         self.path = health_path(storage_root, node)
+        self.refresh_s = refresh_s
+        self._written_at = 0.0
         self.node = node
         self.benign_xids = benign_xids
         self.reasons: list[dict[str, Any]] = []
@@ -78,8 +87,8 @@ class HealthTracker:
         self._written = False
 
     def update(self, sample: NodeSample) -> bool:
-        """Fold in a sample; writes the file when something changed (or on the first call). True if written."""
-        changed = not self._written
+        """Fold in a sample; writes the file when something changed, or every `refresh_s`. True if written."""
+        changed = not self._written or time.monotonic() - self._written_at >= self.refresh_s
         for r in health_reasons(sample, self.benign_xids):
             key = (r["kind"], r["gpu"], r["detail"] if r["kind"] == "xid" else None)
             if key not in self._seen:
@@ -93,7 +102,7 @@ class HealthTracker:
     def write(self) -> None:
         record = {"node": self.node, "healthy": not self.reasons, "reasons": self.reasons, "updated_at": time.time()}
         write_atomic(self.path, json.dumps(record, indent=1).encode())
-        self._written = True
+        self._written, self._written_at = True, time.monotonic()
 
 
 def health_path(storage_root: str | Path, node: str) -> Path:

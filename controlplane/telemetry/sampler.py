@@ -23,7 +23,6 @@ stays in the sample with `lost=True` so the health check and the exporter can sa
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import threading
 import time
@@ -31,7 +30,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from controlplane.telemetry.nvml import (
+    EVENT_DOUBLE_BIT_ECC,
+    EVENT_XID,
+    MAX_EVENTS_PER_POLL,
+    THROTTLE_REASONS,
+    field_value,
+    handle_key,
+    load_nvml,
+    nvml_error_kind,
+    text,
+)
+
 log = logging.getLogger(__name__)
+
+__all__ = ["NvmlSampler", "NodeSample", "GpuSample", "GpuEvent", "load_nvml", "nvml_error_kind", "THROTTLE_REASONS"]
 
 STATUS_OK = "ok"
 STATUS_NO_LIBRARY = "no_library"
@@ -39,52 +52,6 @@ STATUS_NO_DRIVER = "no_driver"
 STATUS_NO_PERMISSION = "no_permission"
 STATUS_NO_GPU = "no_gpu"
 STATUS_ERROR = "error"
-
-# nvmlClocksEventReason* bit -> the `reason` label of llmctl_gpu_throttle_active.
-THROTTLE_REASONS: dict[str, int] = {
-    "gpu_idle": 0x1,
-    "applications_clocks": 0x2,
-    "sw_power_cap": 0x4,
-    "hw_slowdown": 0x8,
-    "sync_boost": 0x10,
-    "sw_thermal": 0x20,
-    "hw_thermal": 0x40,
-    "hw_power_brake": 0x80,
-    "display_clocks": 0x100,
-}
-EVENT_XID = 0x8  # nvmlEventTypeXidCriticalError
-EVENT_DOUBLE_BIT_ECC = 0x2  # nvmlEventTypeDoubleBitEccError
-MAX_EVENTS_PER_POLL = 256
-
-
-def load_nvml() -> Any | None:
-    """The real `pynvml` module (nvidia-ml-py), or None if the package is not installed."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    return pynvml
-
-
-def nvml_error_kind(nvml: Any, exc: BaseException) -> str:
-    """A short name for an NVML error: not_supported, no_permission, gpu_lost, timeout, ..."""
-    code = getattr(exc, "value", None)
-    names = {
-        "NVML_ERROR_NOT_SUPPORTED": "not_supported",
-        "NVML_ERROR_NO_PERMISSION": "no_permission",
-        "NVML_ERROR_GPU_IS_LOST": "gpu_lost",
-        "NVML_ERROR_LIBRARY_NOT_FOUND": "library_not_found",
-        "NVML_ERROR_DRIVER_NOT_LOADED": "driver_not_loaded",
-        "NVML_ERROR_TIMEOUT": "timeout",
-        "NVML_ERROR_UNINITIALIZED": "uninitialized",
-        "NVML_ERROR_FUNCTION_NOT_FOUND": "function_not_found",
-        "NVML_ERROR_INVALID_ARGUMENT": "invalid_argument",
-        "NVML_ERROR_RESET_REQUIRED": "reset_required",
-    }
-    for const, kind in names.items():
-        if code is not None and code == getattr(nvml, const, object()):
-            return kind
-    return "unknown"
 
 
 @dataclass
@@ -209,7 +176,7 @@ class NvmlSampler:
                 return self._set(STATUS_ERROR, f"NVML init failed: {exc}")
             self._initialized = True
             try:
-                self.driver_version = _text(nvml.nvmlSystemGetDriverVersion())
+                self.driver_version = text(nvml.nvmlSystemGetDriverVersion())
             except Exception:
                 self.driver_version = None
             try:
@@ -258,8 +225,8 @@ class NvmlSampler:
             g.errors["handle"] = str(exc)
             return g
         try:
-            g.uuid = _text(self.nvml.nvmlDeviceGetUUID(g.handle))
-            g.name = _text(self.nvml.nvmlDeviceGetName(g.handle))
+            g.uuid = text(self.nvml.nvmlDeviceGetUUID(g.handle))
+            g.name = text(self.nvml.nvmlDeviceGetName(g.handle))
         except Exception as exc:
             if nvml_error_kind(self.nvml, exc) == "gpu_lost":
                 g.lost = True
@@ -349,7 +316,7 @@ class NvmlSampler:
             fv = self._read(g, "power_average", nvml.nvmlDeviceGetFieldValues, [nvml.NVML_FI_DEV_POWER_AVERAGE])
             if fv is not None:
                 if fv[0].nvmlReturn == nvml.NVML_SUCCESS:
-                    power_mw, s.power_source = _field_value(nvml, fv[0]), "average"
+                    power_mw, s.power_source = field_value(nvml, fv[0]), "average"
                 elif fv[0].nvmlReturn == getattr(nvml, "NVML_ERROR_GPU_IS_LOST", -1):
                     g.lost = True
                     raise _Lost
@@ -404,7 +371,11 @@ class NvmlSampler:
         mem = self._read(g, "memory", nvml.nvmlDeviceGetMemoryInfo)
         if mem is not None:
             s.memory_used_bytes, s.memory_total_bytes = int(mem.used), int(mem.total)
-        temp = self._read(g, "temperature", nvml.nvmlDeviceGetTemperature, nvml.NVML_TEMPERATURE_GPU)
+        temp = None
+        if hasattr(nvml, "nvmlDeviceGetTemperatureV"):  # the versioned call; the plain one goes in CUDA 14
+            temp = self._read(g, "temperature_v", nvml.nvmlDeviceGetTemperatureV, nvml.NVML_TEMPERATURE_GPU)
+        if temp is None and (not hasattr(nvml, "nvmlDeviceGetTemperatureV") or "temperature_v" in g.unsupported):
+            temp = self._read(g, "temperature", nvml.nvmlDeviceGetTemperature, nvml.NVML_TEMPERATURE_GPU)
         s.temperature_c = float(temp) if temp is not None else None
         mhz = self._read(g, "sm_clock", nvml.nvmlDeviceGetClockInfo, nvml.NVML_CLOCK_SM)
         s.sm_clock_hz = float(mhz) * 1e6 if mhz is not None else None
@@ -449,15 +420,15 @@ class NvmlSampler:
         return out
 
     def _gpu_of_handle(self, handle: Any) -> _Gpu | None:
-        key = _handle_key(handle)
+        key = handle_key(handle)
         for g in self._gpus:
-            if g.handle is not None and _handle_key(g.handle) == key:
+            if g.handle is not None and handle_key(g.handle) == key:
                 return g
         try:
             index = self.nvml.nvmlDeviceGetIndex(handle)
         except Exception:
             try:
-                uuid = _text(self.nvml.nvmlDeviceGetUUID(handle))
+                uuid = text(self.nvml.nvmlDeviceGetUUID(handle))
             except Exception:
                 return None
             return next((g for g in self._gpus if g.uuid == uuid), None)
@@ -471,29 +442,3 @@ class NvmlSampler:
     def identities(self) -> list[tuple[int, str]]:
         with self._lock:
             return [(g.index, g.uuid) for g in self._gpus]
-
-
-def _handle_key(handle: Any) -> Any:
-    """Identity of a device handle: the pointer value of a real one, the object of a fake one."""
-    try:
-        return ctypes.cast(handle, ctypes.c_void_p).value
-    except (TypeError, ctypes.ArgumentError):
-        return id(handle)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _field_value(nvml: Any, fv: Any) -> float:
-    """The value of an nvmlFieldValue_t by its valueType (which varies by driver)."""
-    by_type = {
-        getattr(nvml, "NVML_VALUE_TYPE_DOUBLE", 0): "dVal",
-        getattr(nvml, "NVML_VALUE_TYPE_UNSIGNED_INT", 1): "uiVal",
-        getattr(nvml, "NVML_VALUE_TYPE_UNSIGNED_LONG", 2): "ulVal",
-        getattr(nvml, "NVML_VALUE_TYPE_UNSIGNED_LONG_LONG", 3): "ullVal",
-        getattr(nvml, "NVML_VALUE_TYPE_SIGNED_LONG_LONG", 4): "sllVal",
-        getattr(nvml, "NVML_VALUE_TYPE_SIGNED_INT", 5): "siVal",
-        getattr(nvml, "NVML_VALUE_TYPE_UNSIGNED_SHORT", 6): "usVal",
-    }
-    return float(getattr(fv.value, by_type.get(int(fv.valueType), "uiVal")))

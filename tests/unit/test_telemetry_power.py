@@ -175,3 +175,36 @@ def test_auto_calibration_picks_lowest_energy_within_slowdown(tmp_path):
     assert limits(fake)[:2] == [400, 400]
     rec = json.loads(next((tmp_path / "telemetry" / "power").glob("*.json")).read_text())
     assert rec["status"] == "calibrated" and len(rec["calibration"]) == 8
+
+
+# ------------------------------------------------------------------ the one-call worker API
+
+
+def test_worker_telemetry_on_fake_gpus_and_on_cpu(tmp_path):
+    from controlplane.telemetry.assignments import read_assignments
+    from controlplane.telemetry.meter import read_energy_records
+    from controlplane.telemetry.worker import start_worker_telemetry
+
+    fake = FakeNvml(4)
+    fake.set_all_loads(1.0)
+    run_dir = tmp_path / "runs" / "run-w"
+    tel = start_worker_telemetry(
+        PowerSpec(cap_watts=300), run_dir, 1, tmp_path, node="n1", nvml=fake, env={"CUDA_VISIBLE_DEVICES": "2"},
+        meter_interval_s=0.05,
+    )  # fmt: skip
+    assert tel.gpus == [(2, fake.gpu(2).uuid)]
+    assert tel.power.status == "capped" and limits(fake) == [400, 400, 300, 400]
+    (rec,) = read_assignments(tmp_path, "n1")
+    assert rec["run_id"] == "run-w" and rec["gpus"] == [{"index": 2, "uuid": fake.gpu(2).uuid}]
+    tel.stop()
+    tel.stop()
+    assert limits(fake) == [400, 400, 400, 400]
+    assert read_assignments(tmp_path, "n1") == []
+    (energy,) = read_energy_records(run_dir)
+    assert [g["index"] for g in energy["gpus"]] == [2]
+
+    cpu = FakeNvml(1)
+    cpu.library_missing = True
+    tel = start_worker_telemetry(PowerSpec(cap_watts="auto"), run_dir, 2, tmp_path, node="n1", nvml=cpu)
+    assert tel.gpus == [] and tel.meter is None and tel.power.status == "unchanged"
+    tel.stop()

@@ -175,14 +175,23 @@ def test_support_follows_architecture(clock):
 def test_transient_field_error_is_recorded_and_retried(clock):
     fake, sampler = make(clock, gpus=1)
     sampler.open()
-    fake.inject("nvmlDeviceGetTemperature", pynvml.NVML_ERROR_UNKNOWN, times=1)
+    fake.inject("nvmlDeviceGetTemperatureV", pynvml.NVML_ERROR_UNKNOWN, times=1)
     s = sampler.sample()
-    assert s.gpus[0].temperature_c is None and "temperature" in s.gpus[0].errors
+    assert s.gpus[0].temperature_c is None and "temperature_v" in s.gpus[0].errors
     s = sampler.sample()
     assert s.gpus[0].temperature_c is not None and not s.gpus[0].errors
     fake.inject("nvmlDeviceGetClockInfo", pynvml.NVML_ERROR_NO_PERMISSION, times=1)
     s = sampler.sample()
     assert s.gpus[0].errors == {"sm_clock": "no_permission"} and "sm_clock" in s.gpus[0].unsupported
+
+
+def test_old_driver_without_versioned_temperature_falls_back(clock):
+    fake, sampler = make(clock, gpus=1)
+    sampler.open()
+    fake.inject("nvmlDeviceGetTemperatureV", pynvml.NVML_ERROR_FUNCTION_NOT_FOUND, times=None)
+    s = sampler.sample()
+    assert s.gpus[0].temperature_c == 34.0 and "temperature_v" in s.gpus[0].unsupported
+    assert fake.calls["nvmlDeviceGetTemperature"] == 1
 
 
 def test_counter_and_integral_agree_on_steady_load_and_counter_reset_is_detected(clock):
