@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from controlplane import __version__
-from controlplane.cli import run_cmd, spec_cmd
+from controlplane.cli import eval_cmd, rollout_cmd, run_cmd, spec_cmd
 from controlplane.cli.common import LlmctlGroup, out
 
 app = typer.Typer(
@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 app.add_typer(spec_cmd.app, name="spec")
 app.add_typer(run_cmd.app, name="run")
+app.add_typer(eval_cmd.app, name="eval")
+app.add_typer(rollout_cmd.app, name="rollout")
 
 
 @app.command()
