@@ -9,6 +9,7 @@ plane never imports `jobs/`. Weights, windows and removal go through Serve's pub
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,10 +30,14 @@ def connect(address: str | None = None) -> str:
     import ray
 
     if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            # Never "auto": on a shared host it could join someone else's cluster.
+            raise UserError("not connected to a Ray cluster: give the cluster's address (cluster spec or $RAY_ADDRESS)")
         try:
-            ray.init(address=address or "auto", logging_level="ERROR", log_to_driver=False)
-        except ConnectionError:
-            raise UserError("no Ray cluster is running here: start one first (llmctl cluster up)") from None
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        except (ConnectionError, TimeoutError) as exc:
+            raise UserError(f"cannot reach the Ray cluster at {address}: {exc}") from None
     return ray.get_runtime_context().gcs_address
 
 
@@ -93,11 +98,8 @@ class RayServeBackend:
 
     def ensure_service(self, spec: RolloutSpec, stable: str | None, rollout_id: str) -> dict[str, Any]:
         opts = spec.serve
-        if opts.host not in LOOPBACK:
-            import os
-
-            if not os.environ.get(opts.token_env):
-                raise UserError(f"serve.host {opts.host} is beyond loopback: set a bearer token in ${opts.token_env}")
+        if opts.host not in LOOPBACK and not os.environ.get(opts.token_env):
+            raise UserError(f"serve.host {opts.host} is beyond loopback: set a bearer token in ${opts.token_env}")
         app = self._apps().get(spec.name)
         if app is None or str(getattr(app, "status", "")) not in ("RUNNING", "ApplicationStatus.RUNNING"):
             cfg = {
