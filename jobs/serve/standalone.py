@@ -2,13 +2,16 @@
 
 Routes: POST /v1/completions, GET /v1/models, GET /health (readiness; no token),
 GET /metrics (the llmctl_serve_* series). Beyond loopback a bearer token is required; it is
-read from $LLMCTL_SERVE_TOKEN and never logged.
+read from $LLMCTL_SERVE_TOKEN and never logged. The drill switch comes from $LLMCTL_DRILL,
+e.g. '{"error_rate": 0.3, "delay_s": 1.5}' (see jobs/serve/app.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import random
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +33,9 @@ def build_app(engine, version: str, token: str | None):
     metrics.set_traffic("none", {version: 1.0}, {})
     digest = token_digest(token) if token else None
     pool = ThreadPoolExecutor(max_workers=2)
+    drill = json.loads(os.environ.get("LLMCTL_DRILL") or "{}")
+    error_rate, delay_s = float(drill.get("error_rate", 0)), float(drill.get("delay_s", 0))
+    rng = random.Random(drill.get("seed", 0))
 
     async def health(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "version": version})
@@ -53,6 +59,10 @@ def build_app(engine, version: str, token: str | None):
             return JSONResponse(error_body(str(exc), "invalid_request_error", 400), 400)
         start = time.perf_counter()
         try:
+            if delay_s:
+                await asyncio.sleep(delay_s)
+            if error_rate and rng.random() < error_rate:
+                raise RuntimeError("drill: injected failure")
             results = await asyncio.get_running_loop().run_in_executor(pool, engine.complete, req)
         except Exception as exc:
             metrics.observe(version, 500, time.perf_counter() - start)
