@@ -15,8 +15,10 @@ from controlplane.cli import (
     cluster_cmd,
     dashboards_cmd,
     doctor_cmd,
+    eval_cmd,
     node_cmd,
     plan_cmd,
+    rollout_cmd,
     run_cmd,
     runbook_cmd,
     simulate_cmd,
@@ -45,6 +47,8 @@ app.command("supervise")(supervise_cmd.supervise)
 app.add_typer(telemetry_cmd.app, name="telemetry")
 app.add_typer(dashboards_cmd.app, name="dashboards")
 app.add_typer(runbook_cmd.app, name="runbook")
+app.add_typer(eval_cmd.app, name="eval")
+app.add_typer(rollout_cmd.app, name="rollout")
 
 
 @app.command()
