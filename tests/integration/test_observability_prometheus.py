@@ -4,7 +4,9 @@ The stack: `llmctl telemetry serve --fake-gpus 4` as its own process (node-a, it
 assigned to the run), a second telemetry exporter in this process whose fake GPUs suffer real
 faults (node-b: an XID, uncorrectable ECC errors, a lost GPU), a scrape target where nothing
 listens (a dead node), and a real tiny training job on the local Ray cluster whose rank 0
-serves `llmctl_train_*` and whose rank 1 is killed once (a restart). Debian's Prometheus
+serves `llmctl_train_*` and whose rank 1 is killed once (a restart), and a standalone serving
+replica of that run's first checkpoint answering a steady client, a quarter of its answers
+failed by its drill switch (`llmctl_serve_*`, `llmctl_rollout_traffic_ratio`). Debian's Prometheus
 scrapes all of them every second with dashboards/alerts.yaml loaded.
 
 A panel whose query returns nothing fails; so does a rule Prometheus cannot evaluate, an
@@ -18,9 +20,11 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from controlplane.context import Context
@@ -28,6 +32,7 @@ from controlplane.observability.catalog import EXPORTED_SOURCES, SCRAPE_JOBS, me
 from controlplane.observability.panels import exported_dashboards, substitute
 from controlplane.observability.prom import PrometheusServer, free_port
 from controlplane.observability.runbooks import load_alerts
+from controlplane.rollout.export import export_checkpoint
 from controlplane.runs import create_run, launch_attempt, stop_run
 from controlplane.spec import RunSpec
 from tests.integration.conftest import wait_for
@@ -36,7 +41,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "dashboards" / "alerts.yaml"
-SCRAPED_SOURCES = {"gpu", "train"}  # what this stack runs an exporter for
+SCRAPED_SOURCES = {"gpu", "train", "serve"}  # what this stack runs an exporter for
 
 
 def _train_spec() -> RunSpec:
@@ -100,8 +105,30 @@ def stack(ray_home, dataset_dir, tmp_path_factory):
         assignment = assign_gpus(ray_home, "node-a", run_id, uuids, attempt=1)
         closers.append(assignment.release)
 
+        # A serving replica of the run's first checkpoint (standalone, as a serving pod runs it), with a
+        # drill that fails a quarter of the requests, and a client that keeps asking.
+        wait_for(lambda: run_dir.events({"checkpoint"}), 300, "the first checkpoint")
+        exported = export_checkpoint(run_dir)
+        serve_port = free_port()
+        serve_env = {**env, "LLMCTL_DRILL": '{"error_rate": 0.25, "seed": 1}'}
+        cmd = [sys.executable, "-m", "jobs.serve", "standalone", "--model-dir", str(exported.model_dir)]
+        cmd += ["--version", exported.version, "--port", str(serve_port)]
+        serve_log = open(work / "serve.log", "wb")  # noqa: SIM115 - closed below
+        closers.append(serve_log.close)
+        procs.append(subprocess.Popen(cmd, env=serve_env, stdout=serve_log, stderr=subprocess.STDOUT))
+        serve_url = f"http://127.0.0.1:{serve_port}"
+        wait_for(lambda: _healthy(serve_url), 180, "the serving replica to load its model")
+        stop_client = threading.Event()
+        client = threading.Thread(target=_client, args=(serve_url, exported.version, stop_client), daemon=True)
+        client.start()
+        closers.append(lambda: (stop_client.set(), client.join(timeout=30)))
+
         prom = PrometheusServer(
-            targets={SCRAPE_JOBS["gpu"]: [node_a, f"127.0.0.1:{port_b}", dead], SCRAPE_JOBS["train"]: [train]},
+            targets={
+                SCRAPE_JOBS["gpu"]: [node_a, f"127.0.0.1:{port_b}", dead],
+                SCRAPE_JOBS["train"]: [train],
+                SCRAPE_JOBS["serve"]: [f"127.0.0.1:{serve_port}"],
+            },
             workdir=work / "prometheus",
             scrape_interval_s=1.0,  # Prometheus 2.42 rejects fractional-second durations such as 0.5s
             evaluation_interval_s=1.0,
@@ -114,6 +141,7 @@ def stack(ray_home, dataset_dir, tmp_path_factory):
         prom.wait_for("llmctl_train_restarts_total", timeout_s=60)
         prom.wait_for('count_over_time(llmctl_gpu_energy_joules_total{run_id!=""}[1m]) >= 4', timeout_s=60)
         prom.wait_for("count_over_time(llmctl_train_step[1m]) >= 4", timeout_s=60)
+        prom.wait_for('count_over_time(llmctl_serve_requests_total{code="500"}[1m]) >= 4', timeout_s=120)
 
         # Break node-b: an XID on GPU 0, uncorrectable ECC on GPU 0, GPU 1 falls off the bus.
         nvml_b.inject_xid(0, 79)
@@ -122,7 +150,7 @@ def stack(ray_home, dataset_dir, tmp_path_factory):
         prom.wait_for('llmctl_gpu_xid_errors_total{node="node-b"}', timeout_s=30)
         prom.wait_for('llmctl_gpu_ecc_errors_total{node="node-b",type="uncorrected"} > 0', timeout_s=30)
         time.sleep(3.0)  # a few more scrapes and rule evaluations after the faults
-        yield {"prom": prom, "run_id": run_id, "run_dir": run_dir, "node_a": node_a, "dead": dead}
+        yield {"prom": prom, "run_id": run_id, "node_a": node_a, "dead": dead, "version": exported.version}
     finally:
         for close in reversed(closers):
             with contextlib.suppress(Exception):  # teardown goes on
@@ -135,6 +163,22 @@ def stack(ray_home, dataset_dir, tmp_path_factory):
                 p.kill()
                 p.wait(timeout=15)
         mp.undo()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _client(url: str, version: str, stop: threading.Event) -> None:
+    """Completion requests, a few a second, until told to stop."""
+    with httpx.Client(timeout=30.0) as http:
+        while not stop.is_set():
+            with contextlib.suppress(httpx.HTTPError):
+                http.post(f"{url}/v1/completions", json={"model": version, "prompt": "今日は", "max_tokens": 4})
+            stop.wait(0.2)
 
 
 def _has_finite(result: list[dict]) -> bool:
@@ -201,7 +245,7 @@ def test_every_rule_selector_of_a_scraped_source_has_data(stack):
     for a in load_alerts(ALERTS):
         for metric in metrics_in(a.expr):
             if source_of(metric) in SCRAPED_SOURCES:
-                assert prom.query(f"count({metric})"), (a.name, metric)
+                assert prom.query(f'count({{__name__=~"{metric}|{metric}_bucket"}})'), (a.name, metric)
         if "up{" in a.expr:
             assert prom.query(f'up{{job="{SCRAPE_JOBS["gpu"]}"}}'), a.name
 
@@ -221,7 +265,9 @@ def test_gpu_fault_alerts_see_the_broken_node_and_not_the_healthy_one(stack):
     assert [m["node"] for m in lost] == ["node-b"]
     down = _alert_series(prom, "NodeDown")
     assert [m["instance"] for m in down] == [stack["dead"]]
-    for quiet in ("TelemetryDown", "GpuThrottlingSustained", "TrainingHang", "TrainingLossAnomaly"):
+    burn = _alert_series(prom, "ServingErrorBudgetBurn")
+    assert [m["version"] for m in burn] == [stack["version"]]
+    for quiet in ("TelemetryDown", "GpuThrottlingSustained", "TrainingHang", "TrainingLossAnomaly", "RolloutStuck"):
         assert _alert_series(prom, quiet) == [], quiet
     active = {(a["labels"]["alertname"], a["state"]) for a in prom.api("alerts")["alerts"]}
     assert ("GpuXidError", "firing") in active
