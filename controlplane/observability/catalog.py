@@ -52,8 +52,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
 }
 
 # Sources with an exporter in this tree; panels of the others are left out of the dashboards.
-# Not yet: "energy" (the training job does not write energy records yet).
-EXPORTED_SOURCES: frozenset[str] = frozenset({"gpu", "train", "serve"})
+EXPORTED_SOURCES: frozenset[str] = frozenset({"gpu", "train", "energy", "serve"})
 
 # Prometheus scrape job names the alert rules use for `up`.
 SCRAPE_JOBS = {"gpu": "llmctl-telemetry", "train": "llmctl-train", "serve": "llmctl-serve"}

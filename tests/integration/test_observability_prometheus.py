@@ -2,7 +2,8 @@
 
 The stack: `llmctl telemetry serve --fake-gpus 4` as its own process (node-a, its GPUs
 assigned to the run), a second telemetry exporter in this process whose fake GPUs suffer real
-faults (node-b: an XID, uncorrectable ECC errors, a lost GPU), a scrape target where nothing
+faults (node-b: an XID, uncorrectable ECC errors, a lost GPU), the run's energy meter writing
+its records (so node-a's exporter serves J/token), a scrape target where nothing
 listens (a dead node), and a real tiny training job on the local Ray cluster whose rank 0
 serves `llmctl_train_*` and whose rank 1 is killed once (a restart), and a standalone serving
 replica of that run's first checkpoint answering a steady client, a quarter of its answers
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "dashboards" / "alerts.yaml"
-SCRAPED_SOURCES = {"gpu", "train", "serve"}  # what this stack runs an exporter for
+SCRAPED_SOURCES = {"gpu", "train", "energy", "serve"}  # what this stack runs an exporter for
 
 
 def _train_spec() -> RunSpec:
@@ -63,6 +64,7 @@ def stack(ray_home, dataset_dir, tmp_path_factory):
     from controlplane.telemetry.assignments import assign_gpus
     from controlplane.telemetry.exporter import TelemetryExporter
     from controlplane.telemetry.fake_nvml import FakeNvml
+    from controlplane.telemetry.meter import EnergyMeter
     from controlplane.telemetry.sampler import NvmlSampler
 
     work = tmp_path_factory.mktemp("observability")
@@ -104,6 +106,10 @@ def stack(ray_home, dataset_dir, tmp_path_factory):
         uuids = [(i, fake_a.gpu(i).uuid) for i in range(4)]
         assignment = assign_gpus(ray_home, "node-a", run_id, uuids, attempt=1)
         closers.append(assignment.release)
+        # ... and the worker-side energy meter measures them into the run directory (J/token).
+        fake_a.set_all_loads(0.9)
+        meter = EnergyMeter(run_dir.path, 1, "node-a", [0, 1, 2, 3], nvml=fake_a, interval_s=0.25, flush_every_s=1.0)
+        closers.append(meter.start().stop)
 
         # A serving replica of the run's first checkpoint (standalone, as a serving pod runs it), with a
         # drill that fails a quarter of the requests, and a client that keeps asking.
@@ -142,6 +148,7 @@ def stack(ray_home, dataset_dir, tmp_path_factory):
         prom.wait_for('count_over_time(llmctl_gpu_energy_joules_total{run_id!=""}[1m]) >= 4', timeout_s=60)
         prom.wait_for("count_over_time(llmctl_train_step[1m]) >= 4", timeout_s=60)
         prom.wait_for('count_over_time(llmctl_serve_requests_total{code="500"}[1m]) >= 4', timeout_s=120)
+        prom.wait_for("llmctl_train_energy_joules_per_token > 0", timeout_s=90)  # refreshed every 15 s
 
         # Break node-b: an XID on GPU 0, uncorrectable ECC on GPU 0, GPU 1 falls off the bus.
         nvml_b.inject_xid(0, 79)

@@ -186,3 +186,17 @@ def test_cli_push_missing_token_variable_exits_2(grafana, monkeypatch):
     res = CliRunner().invoke(app, ["dashboards", "push", "--url", grafana.url, "--token-env", "NO_SUCH_TOKEN"])
     assert res.exit_code == 2
     assert "NO_SUCH_TOKEN" in res.output
+
+
+def test_cli_export_writes_import_payloads_scoped_to_the_cluster(tmp_path):
+    cluster_file = tmp_path / "cluster.yaml"
+    cluster_file.write_text("name: abci\n", encoding="utf-8")
+    out = tmp_path / "export"
+    res = CliRunner().invoke(app, ["dashboards", "export", str(out), "--cluster", str(cluster_file)])
+    assert res.exit_code == 0, res.output
+    files = sorted(out.glob("*.json"))
+    assert [f.name for f in files] == sorted(f"{scoped_uid(uid, 'abci')}.json" for uid in render_all())
+    for f in files:
+        payload = json.loads(f.read_text(encoding="utf-8"))
+        assert payload["folderUid"] == folder_uid("abci") and payload["overwrite"] is True
+        assert payload["dashboard"]["uid"] == f.stem and payload["dashboard"]["title"].endswith("(abci)")
