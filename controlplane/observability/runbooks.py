@@ -23,6 +23,7 @@ _REPO = _HERE.parent.parent
 # `llmctl ...` commands inside fenced code blocks (```) or inline code (`...`).
 _FENCE = re.compile(r"```[a-z]*\n(.*?)```", re.S)
 _INLINE = re.compile(r"`(llmctl [^`\n]+)`")
+_PROMQL = re.compile(r"```promql\n(.*?)```", re.S)
 
 
 @dataclass(frozen=True)
@@ -111,3 +112,8 @@ def llmctl_commands(text: str) -> list[str]:
         ]
     found += [m.strip() for m in _INLINE.findall(text)]
     return found
+
+
+def promql_blocks(text: str) -> list[str]:
+    """The PromQL expressions a runbook gives to paste into Prometheus."""
+    return [b.strip() for b in _PROMQL.findall(text) if b.strip()]

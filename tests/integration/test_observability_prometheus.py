@@ -282,6 +282,16 @@ def test_gpu_fault_alerts_see_the_broken_node_and_not_the_healthy_one(stack):
     assert {s for n, s in active if n == "GpuLost"} <= {"pending", "firing"} and any(n == "GpuLost" for n, _ in active)
 
 
+def test_runbook_promql_runs(stack):
+    from controlplane.observability import runbooks as rb
+
+    exprs = [(n, e) for n in rb.runbook_names() for e in rb.promql_blocks(rb.read_runbook(n))]
+    assert len(exprs) >= 14
+    for name, expr in exprs:
+        stack["prom"].query(expr)  # PrometheusError on a bad expression
+        assert metrics_in(expr) or "up{" in expr, (name, expr)
+
+
 def test_snapshot_renders_the_run_as_png(stack, tmp_path):
     from typer.testing import CliRunner
 

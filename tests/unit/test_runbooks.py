@@ -14,8 +14,10 @@ from typer.testing import CliRunner
 
 from controlplane.cli.main import app
 from controlplane.observability import runbooks as rb
+from controlplane.observability.catalog import SOURCES, metrics_in
 
 ROOT = Path(__file__).resolve().parents[2]
+ALL_METRICS = {m for names in SOURCES.values() for m in names}
 SECTIONS = ("## What it means", "## Impact", "## Confirm", "## Mitigate", "## Escalate")
 
 
@@ -85,6 +87,8 @@ def test_runbook_structure(name):
     assert all(p > 0 for p in positions), (name, dict(zip(SECTIONS, positions, strict=True)))
     assert positions == sorted(positions), name
     assert "```promql" in text, f"{name}: no PromQL to confirm with"
+    for expr in rb.promql_blocks(text):
+        assert metrics_in(expr) <= ALL_METRICS, (name, expr)
     assert rb.llmctl_commands(text), f"{name}: no llmctl command"
 
 
