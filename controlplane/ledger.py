@@ -139,6 +139,58 @@ MIGRATIONS: list[tuple[str, str]] = [
         )
         """,
     ),
+    (
+        "0004_rollout",
+        """
+        CREATE TABLE evaluations (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            model_dir   TEXT NOT NULL,
+            run_id      TEXT,
+            step        INTEGER,
+            tasks_json  TEXT NOT NULL DEFAULT '[]',
+            scores_json TEXT NOT NULL DEFAULT '{}',
+            detail_json TEXT NOT NULL DEFAULT '{}',
+            created_at  REAL NOT NULL
+        );
+        CREATE TABLE services (
+            name        TEXT PRIMARY KEY,
+            backend     TEXT NOT NULL,
+            stable_version TEXT,
+            stable_model TEXT,
+            info_json   TEXT NOT NULL DEFAULT '{}',
+            updated_at  REAL NOT NULL
+        );
+        CREATE TABLE rollouts (
+            rollout_id  TEXT PRIMARY KEY,
+            name        TEXT NOT NULL,
+            backend     TEXT NOT NULL,
+            state       TEXT NOT NULL,
+            request     TEXT,
+            spec_json   TEXT NOT NULL,
+            stable_version TEXT,
+            candidate_version TEXT,
+            candidate_model TEXT,
+            evaluation_id INTEGER,
+            traffic_percent INTEGER NOT NULL DEFAULT 0,
+            reason      TEXT,
+            created_at  REAL NOT NULL,
+            updated_at  REAL NOT NULL
+        );
+        CREATE TABLE rollout_decisions (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            rollout_id  TEXT NOT NULL REFERENCES rollouts(rollout_id),
+            step_index  INTEGER,
+            traffic_percent INTEGER,
+            action      TEXT NOT NULL,
+            reason      TEXT NOT NULL,
+            figures_json TEXT NOT NULL DEFAULT '{}',
+            at          REAL NOT NULL
+        );
+        CREATE INDEX evaluations_model ON evaluations(model_dir, id);
+        CREATE INDEX rollouts_name ON rollouts(name, created_at);
+        CREATE INDEX rollout_decisions_rollout ON rollout_decisions(rollout_id, id);
+        """,
+    ),
 ]
 
 

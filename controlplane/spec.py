@@ -587,6 +587,44 @@ class EvalMinimums(StrictModel):
     max_heldout_perplexity: float | None = Field(None, gt=0, description="Maximum held-out perplexity.")
 
 
+class EvalFiles(StrictModel):
+    jcommonsenseqa: str | None = Field(
+        None, description="JCommonsenseQA file (JGLUE JSON lines); null for the bundled sample."
+    )
+    jsquad: str | None = Field(None, description="JSQuAD file (JGLUE SQuAD-style JSON); null for the bundled sample.")
+    jcommonsenseqa_k: int = Field(3, ge=0, le=16, description="JCommonsenseQA shots.")
+    jsquad_k: int = Field(2, ge=0, le=16, description="JSQuAD shots.")
+    limit: PositiveInt | None = Field(None, description="Evaluate only the first N items of each task.")
+
+
+class DrillSpec(StrictModel):
+    """A real fault the candidate's replicas inject into themselves (canary drills, tests)."""
+
+    error_rate: float = Field(0.0, ge=0, le=1, description="Fraction of requests that raise a server error.")
+    delay_s: float = Field(0.0, ge=0, le=60, description="Seconds each request sleeps before generating.")
+    seed: int = Field(0, ge=0, description="Seed of the error draw.")
+
+
+class ServeOptions(StrictModel):
+    host: str = Field(
+        "127.0.0.1",
+        description="Bind address of the HTTP endpoint. Beyond loopback a bearer token is required "
+        "(from the environment variable named by token_env).",
+    )
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the serving endpoint.")
+    token_env: str = Field("LLMCTL_SERVE_TOKEN", description="Environment variable holding the bearer token.")
+    metrics_host: str = Field("127.0.0.1", description="Bind address of the llmctl_serve_* metrics endpoint.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Metrics port; 0 picks a free one (recorded).")
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="'auto': vLLM when it and a GPU are present, transformers otherwise."
+    )
+    cpus_per_replica: float = Field(1.0, gt=0, le=64, description="CPUs per replica (CPU-only hosts).")
+    image: str = Field("llmctl/serve:0.1.0", description="Container image of a serving pod (kubernetes backend).")
+    model_volume_claim: str | None = Field(
+        None, description="PersistentVolumeClaim holding exported models (kubernetes backend)."
+    )
+
+
 class RolloutSpec(StrictModel):
     name: str = Field(pattern=NAME_PATTERN, description="Rollout (service) name.")
     model: str = Field(description="Exported model directory, or RUN_ID[@STEP] to export first.")
@@ -602,6 +640,17 @@ class RolloutSpec(StrictModel):
     max_p99_latency_s: float = Field(2.0, gt=0, description="Highest candidate p99 latency allowed, s.")
     max_latency_ratio: float = Field(1.5, ge=1, description="Candidate p99 over stable p99 allowed.")
     min_eval: EvalMinimums = Field(default_factory=EvalMinimums, description="The evaluation gate.")
+    eval: EvalFiles = Field(default_factory=EvalFiles, description="Task files of the gate's evaluation.")
+    latency_slack_s: float = Field(
+        0.05, ge=0, description="A p99 gap to stable below this many seconds never fails the ratio test."
+    )
+    insufficient_traffic_factor: float = Field(
+        4.0, ge=1, description="With too few requests, wait up to this many windows, then roll back."
+    )
+    deploy_timeout_s: float = Field(600.0, gt=0, description="Seconds a version may take to become ready.")
+    drain_s: float = Field(2.0, ge=0, description="Seconds a version keeps serving in-flight requests after 0%.")
+    serve: ServeOptions = Field(default_factory=ServeOptions, description="Endpoint, engine and resources.")
+    drill: DrillSpec | None = Field(None, description="Fault drill for the candidate; null in production.")
 
     @model_validator(mode="after")
     def _ascending(self) -> RolloutSpec:

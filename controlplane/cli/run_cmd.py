@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from controlplane.cli.common import ClusterOpt, JsonOpt, emit_json, err, human_duration, out
+from controlplane.cli.export_cmd import run_export
 from controlplane.cli.telemetry_cmd import run_energy
 from controlplane.context import Context
 from controlplane.errors import UserError
@@ -242,3 +243,4 @@ from controlplane.cli.supervise_cmd import run_goodput  # noqa: E402
 
 app.command("goodput")(run_goodput)
 app.command("energy")(run_energy)
+app.command("export")(run_export)
