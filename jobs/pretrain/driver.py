@@ -9,6 +9,7 @@ supervisor resubmits). See README.md in this package for the recovery protocol.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -105,6 +106,8 @@ class Driver:
         self.step_times: deque[float] = deque(maxlen=50)
         self.t_start = time.time()
         self.pg_timeout_s = ft.hang_timeout_max_s + 60
+        self.ended = False
+        self.injected: dict[tuple[int, int], float] = {}
 
     # ------------------------------------------------------------------ actors
 
@@ -149,11 +152,23 @@ class Driver:
         try:
             return self._run()
         except JobExit as exc:
+            if exc.code != EXIT_FENCED:
+                self._end("failed")
             return exc.code
         except FencedError:
             return EXIT_FENCED
+        except Exception as exc:
+            with contextlib.suppress(FencedError):
+                self.events.emit("failure", kind="driver_error", step=self.step, detail=f"{type(exc).__name__}: {exc}")
+                self._end("failed")
+            raise
         finally:
             self._teardown()
+
+    def _end(self, status: str) -> None:
+        if not self.ended:
+            self.ended = True
+            self.events.emit("end", status=status, step=self.step, loss=self.loss)
 
     def _run(self) -> int:
         import ray
@@ -204,7 +219,7 @@ class Driver:
             if code == EXIT_OK and res.get("ckpt_failures"):
                 self.events.emit("failure", kind="checkpoint_error", step=self.step, detail="final checkpoint failed")
                 code, status = EXIT_CRASH, "failed"
-            self.events.emit("end", status=status, step=self.step, loss=self.loss)
+            self._end(status)
         return code
 
     def _teardown(self) -> None:
@@ -364,6 +379,8 @@ class Driver:
     def _stale_ranks(self, ranks: set[int]) -> list[int]:
         for off, ev in self.run_dir.iter_events(self.hb_offset):
             self.hb_offset = off
+            if ev.get("type") == "fault_injected":
+                self.injected[(ev.get("rank"), ev.get("pid"))] = ev["ts"]
             if ev.get("type") == "heartbeat" and ev.get("attempt") == self.attempt:
                 slot = self.slots.get(ev.get("rank"))
                 if slot is not None and ev.get("pid") == slot.pid:
@@ -372,24 +389,27 @@ class Driver:
         return [r for r in sorted(ranks) if now - self.hb.get(r, self.t_start) > HB_STALE_S]
 
     def _injected_at(self, rank: int, pid: int) -> float | None:
-        when = None
-        for _, ev in self.run_dir.iter_events(self.hb_offset):
-            if ev.get("type") == "fault_injected" and ev.get("rank") == rank and ev.get("pid") == pid:
-                when = ev["ts"]
-        return when
+        """When a drill killed or stopped this worker (its own event), if it was a drill."""
+        self._stale_ranks(set())  # reads new events, recording fault_injected ones
+        return self.injected.get((rank, pid))
 
     # ------------------------------------------------------------------ tier-1 recovery
 
     def _recover(self, dead: dict[int, tuple[str, str]], results: dict[int, dict], t_detect: float) -> None:
+        """Tier 1: replace the dead ranks, re-form the group, copy the state from a survivor."""
         import ray
 
-        for rank, (kind, detail) in dead.items():
-            self.events.emit("failure", kind=kind, rank=rank, step=self.step + 1, detail=detail)
-        while True:
-            if len(dead) >= self.world:
-                self.events.emit("end", status="failed", step=self.step, loss=self.loss)
+        fresh: set[int] = set()  # replacements hold no state: never a source
+        replaced: list[Pending] = []
+        survivors: list[int] = []
+        status: dict[int, dict] = {}
+        while dead:
+            for rank, (kind, detail) in dead.items():
+                self.events.emit("failure", kind=kind, rank=rank, step=self.step + 1, detail=detail)
+            survivors = [r for r in self.slots if r not in dead and r not in fresh]
+            if not survivors:
+                self._end("failed")
                 raise JobExit(EXIT_CRASH)
-            replaced: list[Pending] = []
             for rank, (kind, _) in dead.items():
                 old = self.slots[rank]
                 ray.kill(old.actor, no_restart=True)
@@ -398,20 +418,13 @@ class Driver:
                 i = ray.get(actor.info.remote(), timeout=600)
                 self.slots[rank] = Slot(rank, actor, i["pid"], i["node_id"], i["node_ip"])
                 replaced.append(Pending(rank, old.pid, i["pid"], source, t_fail, t_detect, kind))
-            survivors = [r for r in self.slots if r not in dead]
-            status, newly_dead = {}, {}
-            for r in survivors:
+                fresh.add(rank)
+            dead = {}
+            for r in survivors:  # ordered after any step still queued on the survivor
                 try:
                     status[r] = ray.get(self.slots[r].actor.status.remote(), timeout=self.pg_timeout_s)
                 except Exception as exc:
-                    newly_dead[r] = ("worker_died", f"{type(exc).__name__}")
-            if newly_dead:
-                for r, (kind, detail) in newly_dead.items():
-                    self.events.emit("failure", kind=kind, rank=r, step=self.step + 1, detail=detail)
-                dead = {**{p.rank: (p.cause, "") for p in replaced}, **newly_dead}
-                dead = newly_dead  # the replacements above stay; only the newly dead need replacing
-                continue
-            break
+                    dead[r] = ("worker_died", type(exc).__name__)
         src = max(survivors, key=lambda r: status[r]["step"])
         self._form_group()
         steps = ray.get([s.actor.sync_state.remote(src) for s in self.slots.values()], timeout=600)

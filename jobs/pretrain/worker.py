@@ -11,6 +11,7 @@ Rank 0 also serves the metrics and writes checkpoints (copy to host, persist in 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -106,10 +107,8 @@ class TrainWorker:
     def join(self, addr: str, port: int, rank: int, world: int, timeout_s: float) -> dict[str, Any]:
         """(Re-)form the process group: a fresh TCP store at addr:port, this replica as `rank`."""
         if dist.is_initialized():
-            try:
+            with contextlib.suppress(Exception):  # a group broken by a dead peer may not tear down cleanly
                 dist.destroy_process_group()
-            except Exception:  # a group broken by a dead peer may not tear down cleanly
-                pass
         if world > 1:
             dist.init_process_group(
                 self.backend,
@@ -180,10 +179,8 @@ class TrainWorker:
             self.metrics.close()
             self.metrics = None
         if dist.is_initialized():
-            try:
+            with contextlib.suppress(Exception):
                 dist.destroy_process_group()
-            except Exception:
-                pass
         return {"ckpt_failures": self.ckpt_failures, "last_checkpoint": self.last_ckpt}
 
     # ------------------------------------------------------------------ training
