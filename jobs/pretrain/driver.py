@@ -28,6 +28,7 @@ DEFAULT_INTERVAL = 25
 PIPELINE_DEPTH = 2
 HB_STALE_S = 6.0
 POLL_S = 0.5
+SPARE_START_S = 120.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,6 +127,7 @@ class Driver:
             "run": self.record["run"],
             "run_id": self.record.get("run_id", self.run_dir.run_id),
             "cluster": (self.record.get("cluster") or {}).get("name", "local"),
+            "cluster_spec": self.record.get("cluster") or {},
             "dataset_dir": self.record["dataset_dir"],
             "run_dir": str(self.run_dir.path),
             "attempt": self.attempt,
@@ -185,6 +187,8 @@ class Driver:
             i = ray.get(ref, timeout=600)
             self.slots[rank] = Slot(rank, actor, i["pid"], i["node_id"], i["node_ip"])
         joined = self._form_group()
+        if self.spares:  # warm means ready: give the spares a bounded time to finish starting
+            ray.wait([ref for _, ref in self.spares], num_returns=len(self.spares), timeout=SPARE_START_S)
         if info is not None:
             ray.get([s.actor.load_checkpoint.remote(str(info.path)) for s in self.slots.values()], timeout=600)
             trainer = _read_json(info.path / "trainer_state.json")
@@ -212,10 +216,17 @@ class Driver:
 
         status = {EXIT_OK: "succeeded", EXIT_FENCED: "fenced"}.get(code, "failed")
         if code != EXIT_FENCED:
-            try:
-                res = ray.get(self.slots[0].actor.shutdown.remote(), timeout=600) if 0 in self.slots else {}
-            except Exception:
-                res = {}
+            # Every worker finishes its work and stops its telemetry (power limits restored);
+            # rank 0 first waits for its background checkpoint write.
+            refs = {r: s.actor.shutdown.remote() for r, s in self.slots.items()}
+            refs.update({-1 - i: actor.shutdown.remote() for i, (actor, _) in enumerate(self.spares)})
+            res: dict[str, Any] = {}
+            for r, ref in refs.items():
+                try:
+                    out = ray.get(ref, timeout=600 if r == 0 else 60)
+                    res = out if r == 0 else res
+                except Exception:
+                    pass
             if code == EXIT_OK and res.get("ckpt_failures"):
                 self.events.emit("failure", kind="checkpoint_error", step=self.step, detail="final checkpoint failed")
                 code, status = EXIT_CRASH, "failed"
@@ -245,7 +256,6 @@ class Driver:
         return None
 
     def _loop(self) -> int:
-        ckpt_cfg = self.run.checkpoint
         inflight: deque[tuple[int, dict[int, Any]]] = deque()
         next_step = self.step + 1
         t_prev = time.perf_counter()
@@ -262,34 +272,43 @@ class Driver:
             if dead or any(not r.get("ok") for r in results.values()):
                 if any(r.get("fenced") for r in results.values()):
                     raise JobExit(EXIT_FENCED)
-                self._recover(dead, results, t_detect)
+                replaced, caught_up = self._recover(dead, t_detect)
+                if caught_up:  # completed by the survivors, its results lost with the dead worker
+                    code = self._complete(caught_up[0], caught_up[1], 0.0)
+                    if code is not None:
+                        return code
+                self.pending.extend(replaced)
                 inflight.clear()
                 next_step = self.step + 1
                 t_prev = time.perf_counter()
                 continue
             inflight.popleft()
             now = time.perf_counter()
-            code = self._on_step(step_no, results, now - t_prev)
+            code = self._complete(step_no, results, now - t_prev)
             t_prev = now
             if code is not None:
                 return code
-            if self._drill("exit_driver"):
-                os._exit(1)
-            if self._due(step_no):
-                import ray
-
-                res = ray.get(
-                    self.slots[0].actor.checkpoint.remote(
-                        step_no, self.guard.state(), ckpt_cfg.async_save, ckpt_cfg.keep_last
-                    )
-                )
-                if not res.get("ok"):
-                    self.events.emit("checkpoint_failed", step=step_no, error=res.get("error"))
-                self.interval = checkpoint_interval(self.run, self.run_dir)
         return EXIT_OK
 
+    def _complete(self, step_no: int, results: dict[int, dict[str, Any]], wall_s: float) -> int | None:
+        """Account a completed step; fire the driver drill; checkpoint when due."""
+        import ray
+
+        code = self._on_step(step_no, results, wall_s)
+        if code is not None:
+            return code
+        if self._drill("exit_driver"):
+            os._exit(1)
+        if self._due(step_no):
+            c = self.run.checkpoint
+            res = ray.get(self.slots[0].actor.checkpoint.remote(step_no, self.guard.state(), c.async_save, c.keep_last))
+            if not res.get("ok"):
+                self.events.emit("checkpoint_failed", step=step_no, error=res.get("error"))
+            self.interval = checkpoint_interval(self.run, self.run_dir)
+        return None
+
     def _on_step(self, step_no: int, results: dict[int, dict[str, Any]], wall_s: float) -> int | None:
-        r0 = results[0]
+        r0 = results[min(results)]
         self.step, self.tokens, self.loss = step_no, r0["tokens"], r0["loss"]
         times = [results[r]["compute_s"] for r in sorted(results)]
         step_s = max(results[r]["step_s"] for r in results)
@@ -395,19 +414,26 @@ class Driver:
 
     # ------------------------------------------------------------------ tier-1 recovery
 
-    def _recover(self, dead: dict[int, tuple[str, str]], results: dict[int, dict], t_detect: float) -> None:
-        """Tier 1: replace the dead ranks, re-form the group, copy the state from a survivor."""
+    def _recover(
+        self, dead: dict[int, tuple[str, str]], t_detect: float
+    ) -> tuple[list[Pending], tuple[int, dict[int, dict]] | None]:
+        """Tier 1: replace the dead ranks, re-form the group, copy the state from a survivor.
+
+        Returns the replacements, and the step the survivors completed but the driver never
+        saw (its results died with a worker), if any.
+        """
         import ray
 
         fresh: set[int] = set()  # replacements hold no state: never a source
         replaced: list[Pending] = []
         survivors: list[int] = []
         status: dict[int, dict] = {}
+        failures: list[tuple[int, str, str]] = []
         while dead:
-            for rank, (kind, detail) in dead.items():
-                self.events.emit("failure", kind=kind, rank=rank, step=self.step + 1, detail=detail)
+            failures.extend((r, kind, detail) for r, (kind, detail) in dead.items())
             survivors = [r for r in self.slots if r not in dead and r not in fresh]
             if not survivors:
+                self._emit_failures(failures, self.step + 1)
                 self._end("failed")
                 raise JobExit(EXIT_CRASH)
             for rank, (kind, _) in dead.items():
@@ -426,29 +452,34 @@ class Driver:
                 except Exception as exc:
                     dead[r] = ("worker_died", type(exc).__name__)
         src = max(survivors, key=lambda r: status[r]["step"])
+        src_step = status[src]["step"]
+        self._emit_failures(failures, src_step + 1)
         self._form_group()
-        steps = ray.get([s.actor.sync_state.remote(src) for s in self.slots.values()], timeout=600)
-        self.step = steps[0]
-        ray.get([s.actor.disarm.remote(self.step + 1) for s in self.slots.values()], timeout=60)
+        ray.get([s.actor.sync_state.remote(src) for s in self.slots.values()], timeout=600)
+        ray.get([s.actor.disarm.remote(src_step + 1) for s in self.slots.values()], timeout=60)
         for p in replaced:
             self.slots[0].actor.note_restart.remote(p.cause)
-        self.pending.extend(replaced)
+        caught_up = None
+        if src_step > self.step:
+            last = {r: status[r]["last"] for r in survivors if (status[r]["last"] or {}).get("step") == src_step}
+            caught_up = (src_step, last)
+        return replaced, caught_up
+
+    def _emit_failures(self, failures: list[tuple[int, str, str]], step: int) -> None:
+        for rank, kind, detail in failures:
+            self.events.emit("failure", kind=kind, rank=rank, step=step, detail=detail)
 
     def _take_spare(self) -> tuple[Any, str]:
+        """A warm spare if there is one (even one still starting beats a new actor), else a new actor."""
         import ray
 
         while self.spares:
             actor, ref = self.spares.pop(0)
-            ready, _ = ray.wait([ref], timeout=0)
-            if ready:
-                try:
-                    ray.get(ref)
-                    return actor, "spare"
-                except Exception:
-                    ray.kill(actor, no_restart=True)
-                    continue
-            self.spares.append((actor, ref))  # still starting: a new worker is no slower
-            break
+            try:
+                ray.get(ref, timeout=600)
+                return actor, "spare"
+            except Exception:
+                ray.kill(actor, no_restart=True)
         actor, _ = self._spawn(drills=False)
         return actor, "new"
 
@@ -479,6 +510,12 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
+        kwargs: dict[str, Any] = {}
+        if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+            # Started by hand, not through the Jobs API: the workers import this same code.
+            root = str(Path(__file__).resolve().parents[2])
+            path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True, **kwargs)
     driver = Driver(run_dir, args.attempt, args.max_resume_step, skips)
     return driver.run_job()
