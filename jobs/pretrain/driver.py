@@ -1,14 +1,11 @@
 """The job driver: starts the worker actors, runs the step loop, recovers in-attempt.
 
-    python -m jobs.pretrain --run-dir DIR --attempt N [--max-resume-step S] [--skip-steps A:B ...]
-
 Exit codes: 0 succeeded, 3 numerical fault, 75 fenced, anything else a crash (tier 2: the
 supervisor resubmits). See README.md in this package for the recovery protocol.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
@@ -22,22 +19,13 @@ from controlplane import checkpoint as ckpt
 from controlplane.rundir import FencedError, RunDir
 from controlplane.spec import RunSpec, read_record
 from jobs.pretrain.events import EXIT_CRASH, EXIT_FENCED, EXIT_NUMERICAL, EXIT_OK, EventLog
-from jobs.pretrain.schedule import NumericGuard, StragglerDetector, parse_skip
+from jobs.pretrain.schedule import NumericGuard, StragglerDetector
 
 DEFAULT_INTERVAL = 25
 PIPELINE_DEPTH = 2
 HB_STALE_S = 6.0
 POLL_S = 0.5
 SPARE_START_S = 120.0
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.pretrain", description="Pretrain a Llama model on Ray.")
-    p.add_argument("--run-dir", required=True, help="The run directory (spec.json inside).")
-    p.add_argument("--attempt", type=int, required=True, help="Attempt number (fencing, fault drills).")
-    p.add_argument("--max-resume-step", type=int, default=None, help="Resume from a checkpoint at or below S.")
-    p.add_argument("--skip-steps", action="append", default=[], help="A:B: skip the batches of steps A..B-1.")
-    return p.parse_args(argv)
 
 
 def checkpoint_interval(run: RunSpec, run_dir: RunDir) -> int:
@@ -109,6 +97,7 @@ class Driver:
         self.pg_timeout_s = ft.hang_timeout_max_s + 60
         self.ended = False
         self.injected: dict[tuple[int, int], float] = {}
+        self.metrics_url: str | None = None
 
     # ------------------------------------------------------------------ actors
 
@@ -186,7 +175,7 @@ class Driver:
         for rank, (actor, ref) in enumerate(started):
             i = ray.get(ref, timeout=600)
             self.slots[rank] = Slot(rank, actor, i["pid"], i["node_id"], i["node_ip"])
-        joined = self._form_group()
+        self.metrics_url = self._form_group()[0].get("metrics_url")
         if self.spares:  # warm means ready: give the spares a bounded time to finish starting
             ray.wait([ref for _, ref in self.spares], num_returns=len(self.spares), timeout=SPARE_START_S)
         if info is not None:
@@ -203,7 +192,7 @@ class Driver:
             ],
             skipped_checkpoints=[[s, why] for s, why in skipped],
             driver_pid=os.getpid(),
-            metrics_url=joined[0].get("metrics_url"),
+            metrics_url=self.metrics_url,
             total_steps=self.total_steps,
             checkpoint_interval=self.interval,
             spare_workers=len(self.spares),
@@ -336,6 +325,7 @@ class Driver:
                 detect_s=round(p.t_detect - p.t_fail, 3),
                 cause=p.cause,
                 step=step_no,
+                metrics_url=self.metrics_url,
                 **{"from": p.source},
             )
         if self.pending:
@@ -376,7 +366,7 @@ class Driver:
             if dead or any(not r.get("ok") for r in results.values()):
                 return results, dead, time.time()
             waited = time.monotonic() - t0
-            if left and waited > max(2 * HB_STALE_S, 3 * self._median_step()):
+            if left and waited > max(HB_STALE_S, 3 * self._median_step()):
                 stale = self._stale_ranks(set(left))
                 if stale:
                     for r in stale:
@@ -454,7 +444,7 @@ class Driver:
         src = max(survivors, key=lambda r: status[r]["step"])
         src_step = status[src]["step"]
         self._emit_failures(failures, src_step + 1)
-        self._form_group()
+        self.metrics_url = self._form_group()[0].get("metrics_url")
         ray.get([s.actor.sync_state.remote(src) for s in self.slots.values()], timeout=600)
         ray.get([s.actor.disarm.remote(src_step + 1) for s in self.slots.values()], timeout=60)
         for p in replaced:
@@ -492,30 +482,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     import json
 
     return json.loads(path.read_text())
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    run_dir = RunDir(Path(args.run_dir).resolve())
-    try:
-        skips = sorted(parse_skip(s) for s in args.skip_steps)
-    except ValueError as exc:
-        print(f"error: {exc}")
-        return 2
-    try:
-        run_dir.check_fence(args.attempt)
-    except FencedError as exc:
-        print(f"fenced: {exc}")
-        return EXIT_FENCED
-    import ray
-
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {}
-        if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
-            # Started by hand, not through the Jobs API: the workers import this same code.
-            root = str(Path(__file__).resolve().parents[2])
-            path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True, **kwargs)
-    driver = Driver(run_dir, args.attempt, args.max_resume_step, skips)
-    return driver.run_job()
