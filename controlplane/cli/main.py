@@ -41,6 +41,7 @@ app = typer.Typer(
 app.add_typer(spec_cmd.app, name="spec")
 app.add_typer(run_cmd.app, name="run")
 app.add_typer(cluster_cmd.app, name="cluster")
+app.add_typer(data_cmd.app, name="data")
 app.command("doctor")(doctor_cmd.doctor)
 app.command("plan")(plan_cmd.plan)
 app.command("simulate")(simulate_cmd.simulate)

@@ -17,31 +17,30 @@ One pass over a run:
    (ledger.next_attempt, RunDir.set_fence, then the Jobs API), write the checkpoint interval.
 
 Crash safety: see README.md in this package. One supervisor per storage root: a
-`SupervisorLock` (fcntl.flock on `<storage>/supervisor.pid`).
+`SupervisorLock` (ports.py). `JobsPort`, `RayJobs`, `SupervisorBusy` and `SupervisorLock` are
+importable from here too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from controlplane import checkpoint as ckpt
 from controlplane.context import Context
-from controlplane.errors import LlmctlError, UserError
+from controlplane.errors import LlmctlError, RetryableError
 from controlplane.rundir import RunDir, write_atomic
 from controlplane.spec import RunSpec, read_record
 from controlplane.states import AttemptState, RunState
 from controlplane.supervisor import policy as P
 from controlplane.supervisor import store
 from controlplane.supervisor.nodes import read_health
+from controlplane.supervisor.ports import JobsPort, RayJobs, SupervisorBusy, SupervisorLock, submission_id
 from controlplane.supervisor.track import NODE_FAULTS, RunTrack
 
 log = logging.getLogger("llmctl.supervisor")
@@ -55,124 +54,6 @@ _ATTEMPT_STATE = {
     P.JobStatus.FAILED: AttemptState.FAILED,
     P.JobStatus.STOPPED: AttemptState.STOPPED,
 }
-
-
-def submission_id(run_id: str, attempt: int) -> str:
-    return f"{run_id}-a{attempt}"
-
-
-# --------------------------------------------------------------------------- the Jobs API port
-
-
-class JobsPort(Protocol):
-    """What the loop needs from a job scheduler. Every method is idempotent."""
-
-    def status(self, sid: str) -> P.JobStatus: ...
-
-    def submit(
-        self,
-        run_dir: RunDir,
-        attempt: int,
-        *,
-        max_resume_step: int | None,
-        skip_steps: list[tuple[int, int]],
-        env_vars: dict[str, str],
-    ) -> str: ...
-
-    def stop(self, sid: str) -> None: ...
-
-
-class RayJobs:
-    """The Ray Jobs API of the context's cluster (token auth), through controlplane.ray_cluster."""
-
-    def __init__(self, ctx: Context):
-        self.cluster = ctx.cluster
-        self._client: Any = None
-
-    def _c(self) -> Any:
-        from controlplane import ray_cluster
-
-        if self._client is None:
-            self._client = ray_cluster.job_client(self.cluster)
-        return self._client
-
-    def _call(self, fn: Callable[[Any], Any]) -> Any:
-        try:
-            return fn(self._c())
-        except Exception:
-            self._client = None  # reconnect next time (the head may have moved or restarted)
-            raise
-
-    def status(self, sid: str) -> P.JobStatus:
-        from controlplane import ray_cluster
-
-        return P.JobStatus(self._call(lambda c: ray_cluster.job_status(self.cluster, sid, client=c)))
-
-    def submit(self, run_dir, attempt, *, max_resume_step, skip_steps, env_vars) -> str:
-        from controlplane import ray_cluster
-
-        return self._call(
-            lambda c: ray_cluster.submit_attempt(
-                self.cluster,
-                run_dir,
-                attempt,
-                max_resume_step=max_resume_step,
-                skip_steps=skip_steps,
-                env_vars=env_vars,
-                client=c,
-            )
-        )
-
-    def stop(self, sid: str) -> None:
-        from controlplane import ray_cluster
-
-        self._call(lambda c: ray_cluster.stop_job(self.cluster, sid, client=c))
-
-
-# --------------------------------------------------------------------------- one supervisor per storage root
-
-
-class SupervisorBusy(UserError):
-    """Another supervisor holds the lock on this storage root."""
-
-
-class SupervisorLock:
-    """fcntl.flock on `<storage>/supervisor.pid` (released by the kernel when the process dies)."""
-
-    def __init__(self, storage_root: Path):
-        self.path = Path(storage_root) / "supervisor.pid"
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        if self._fd is not None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SupervisorBusy(
-                f"another supervisor (pid {self.holder() or '?'}) is running on {self.path.parent}"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-
-    def holder(self) -> int | None:
-        with contextlib.suppress(OSError, ValueError):
-            return int(self.path.read_text().strip())
-        return None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
 
 
 # --------------------------------------------------------------------------- the loop
@@ -205,11 +86,13 @@ class Supervisor:
     # ------------------------------------------------------------------ passes
 
     def tick(self) -> dict[str, list[P.Action]]:
-        """One pass over every live run. A run whose pass fails is logged and retried next tick."""
+        """One pass over every live run (takes the lock for good). A run whose pass fails is logged
+        and retried next tick."""
+        self.lock.acquire()
         out: dict[str, list[P.Action]] = {}
         for run in self.ctx.ledger.live_runs():
             try:
-                out[run["run_id"]] = self.reconcile_run(run["run_id"])
+                out[run["run_id"]] = self._reconcile(run["run_id"])
             except Exception as exc:  # a supervisor outlives transient errors; the pass is retried next tick
                 log.warning("run %s: %s: %s (will retry)", run["run_id"], type(exc).__name__, str(exc).split("\n")[0])
         return out
@@ -223,11 +106,23 @@ class Supervisor:
             stop.wait(max(0.05, interval_s - (time.monotonic() - started)))
 
     def reconcile_run(self, run_id: str) -> list[P.Action]:
-        if not self.lock.held:
-            try:
-                self.lock.acquire()
-            except SupervisorBusy:
-                return []  # the supervisor daemon owns the runs; a watcher only watches
+        """One pass over one run. Without the lock held for good (`exclusive`, `run_forever`), the
+        lock is taken for this pass only; if another supervisor holds it, the pass is skipped."""
+        if self.lock.held:
+            return self._reconcile(run_id)
+        try:
+            self.lock.acquire()
+        except SupervisorBusy:
+            return []  # the supervisor daemon owns the runs; a watcher only watches
+        try:
+            return self._reconcile(run_id)
+        except RetryableError as exc:  # the Jobs API or the cluster blinked: look again next pass
+            log.warning("run %s: %s (will retry)", run_id, exc)
+            return []
+        finally:
+            self.lock.release()
+
+    def _reconcile(self, run_id: str) -> list[P.Action]:
         ledger = self.ctx.ledger
         run = ledger.get_run(run_id)
         state = RunState(run["state"])
@@ -425,10 +320,8 @@ class Supervisor:
                 transition = (RunState.RECOVERING, a.cause)
             elif isinstance(a, P.MarkSucceeded):
                 transition = (RunState.SUCCEEDED, a.cause)
-                attempt_fields.update(state=AttemptState.SUCCEEDED, ended_at=now)
             elif isinstance(a, P.MarkFailed):
                 transition = (RunState.FAILED, a.cause)
-                attempt_fields.setdefault("ended_at", now)
             elif isinstance(a, P.MarkStopped):
                 transition = (RunState.STOPPED, a.cause)
             elif isinstance(a, P.Backoff):
@@ -453,7 +346,7 @@ class Supervisor:
                 interval = a.steps
                 track.interval_steps = a.steps
         if transition and transition[0] in (RunState.FAILED, RunState.STOPPED) and o.job_status.is_live:
-            attempt_fields["state"] = AttemptState.STOPPED
+            attempt_fields.update(state=AttemptState.STOPPED, ended_at=now)
         store.commit_decision(
             ledger,
             run_id,

@@ -71,14 +71,20 @@ class ProcessJobs:
             args += ["--max-resume-step", str(max_resume_step)]
         for a, b in skip_steps:
             args += ["--skip-steps", f"{a}:{b}"]
-        rc = self._f(sid, "rc")
-        cmd = f"{shlex.join(args)}; echo $? > {shlex.quote(str(rc))}.tmp && mv {shlex.quote(str(rc))}.tmp {shlex.quote(str(rc))}"
+        q = {k: shlex.quote(str(self._f(sid, k))) for k in ("rc", "pid")}
+        log = shlex.quote(str(self.dir / "submissions.log"))
+        # the job itself records its pid and its start, so a submitter killed right after the fork
+        # still leaves a job that the next supervisor finds (as Ray's Jobs API would)
+        cmd = (
+            f"echo $$ > {q['pid']}.tmp && mv {q['pid']}.tmp {q['pid']} && echo {sid} >> {log} && "
+            f"{shlex.join(args)}; echo $? > {q['rc']}.tmp && mv {q['rc']}.tmp {q['rc']}"
+        )
         env = {**os.environ, **env_vars, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.Popen(["sh", "-c", cmd], env=env, start_new_session=True, stdin=subprocess.DEVNULL)
-        self._f(sid, "pid").write_text(str(proc.pid))
         self._f(sid, "args").write_text(json.dumps({"args": args, "env": env_vars}))
-        with open(self.dir / "submissions.log", "a") as f:
-            f.write(sid + "\n")
+        subprocess.Popen(["sh", "-c", cmd], env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self._f(sid, "pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         return sid
 
     def stop(self, sid: str) -> None:

@@ -199,10 +199,14 @@ def test_one_supervisor_per_storage_root(env):
     other = Supervisor(ctx, ProcessJobs(ctx.storage / "j2"))
     with pytest.raises(SupervisorBusy, match=f"pid {os.getpid()}"):
         other.lock.acquire()
-    assert other.reconcile_run  # a watcher without the lock only watches:
     make_run(ctx.ledger, ctx.storage, "watched", spec(steps=5), {"steps": 5})
-    assert other.reconcile_run("watched") == []
+    assert other.reconcile_run("watched") == []  # a watcher without the lock only watches
     assert ctx.ledger.current_attempt("watched") is None
+    sup.lock.release()
+    assert other.reconcile_run("watched")[0].attempt == 1  # the lock is free: one pass, then let go
+    assert not other.lock.held
+    sup.lock.acquire()
+    sup.lock.release()
 
 
 DRIVER = """
@@ -214,6 +218,7 @@ from controlplane.supervisor.policy import PolicyConfig
 from tests.unit.supervisor_harness import ProcessJobs
 sup = Supervisor(Context.load(), ProcessJobs(Path(sys.argv[1])), config=PolicyConfig(heartbeat_stale_s=0.6, stop_grace_s=3.0),
                  exclusive=True)
+Path(sys.argv[2]).touch()  # ready: the kills below land in ticks, not in imports
 while True:
     sup.tick()
     time.sleep(0.01)
@@ -224,20 +229,27 @@ def test_supervisor_killed_at_random_moments_never_duplicates_an_attempt(env, tm
     ctx, jobs, _ = env
     faults = {"1": {"crash_at": 7}, "2": {"nan_at": 14}, "3": {"crash_at": 19}}
     rd = make_run(ctx.ledger, ctx.storage, "sigkill", spec(steps=24, interval=3),
-                  {"steps": 24, "interval": 3, "step_s": 0.03, "faults": faults})  # fmt: skip
+                  {"steps": 24, "interval": 3, "step_s": 0.05, "faults": faults})  # fmt: skip
     env_vars = {**os.environ, "PYTHONPATH": str(ROOT)}
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 150
     kills = 0
     delays = [0.15, 0.4, 0.05, 0.7, 0.25, 0.3, 0.1, 0.5]
+    ready = tmp_path / "ready"
     while ctx.ledger.get_run("sigkill")["state"] not in ("succeeded", "failed") and time.monotonic() < deadline:
-        p = subprocess.Popen([sys.executable, "-c", DRIVER, str(jobs.dir)], env=env_vars, cwd=ROOT)
+        ready.unlink(missing_ok=True)
+        p = subprocess.Popen([sys.executable, "-c", DRIVER, str(jobs.dir), str(ready)], env=env_vars, cwd=ROOT)
+        up_by = time.monotonic() + 30
+        while not ready.exists() and p.poll() is None and time.monotonic() < up_by:
+            time.sleep(0.01)
         time.sleep(delays[kills % len(delays)] if kills < 24 else 3.0)
         p.send_signal(signal.SIGKILL)
         p.wait()
         kills += 1
-    assert ctx.ledger.get_run("sigkill")["state"] == "succeeded", ctx.ledger.get_run("sigkill")
     subs = jobs.submissions()
-    assert subs == [f"sigkill-a{n}" for n in range(1, len(subs) + 1)]  # each attempt exactly once, in order
-    assert [a["attempt"] for a in ctx.ledger.attempts("sigkill")] == list(range(1, len(subs) + 1))
-    assert len(subs) == 4 and kills >= 3
+    why = {"run": ctx.ledger.get_run("sigkill"), "submissions": subs, "kills": kills,
+           "transitions": [(t["to_state"], t["cause"]) for t in ctx.ledger.transitions("sigkill")]}  # fmt: skip
+    assert why["run"]["state"] == "succeeded", why
+    assert subs == [f"sigkill-a{n}" for n in range(1, len(subs) + 1)], why  # each attempt exactly once, in order
+    assert [a["attempt"] for a in ctx.ledger.attempts("sigkill")] == list(range(1, len(subs) + 1)), why
+    assert len(subs) == 4 and kills >= 3, why
     assert max(steps_of(rd)) == 24

@@ -1,0 +1,263 @@
+"""Recovery: crash-to-first-step time of llmctl next to Ray Train's default restart.
+
+    python benchmarks/recovery.py [--steps 24] [--kill-at 10] [--interval 8]
+
+Everything runs in this invocation, on one local Ray cluster (token auth on), with the same
+tiny Llama model (transformers LlamaForCausalLM, `tiny` preset), 2 CPU workers, the same
+global batch and sequence length:
+
+- llmctl, tier 1: a worker is SIGKILLed at step K (the job's `kill_worker` drill); the job
+  replaces it in-attempt from a survivor's memory. Crash = the drill's `fault_injected` event;
+  first step = the first `step` event after it.
+- llmctl, tier 2: the job driver exits at step K (`exit_driver` drill); the supervisor
+  submits attempt 2, which resumes from the newest verified checkpoint.
+- Ray Train (baseline): `ray.train.torch.TorchTrainer` with `FailureConfig(max_failures=2)`,
+  rank 1 SIGKILLs itself at step K; Ray Train restarts the worker group and restores the
+  last reported checkpoint. Crash = the moment before the kill; first step = the first step
+  completed after the restore.
+
+It also prints the checkpoint blocking ratio: the time training is blocked by an async save
+(copy to host) over a synchronous save (copy + write), both measured from the jobs' events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from controlplane import ray_cluster  # noqa: E402
+from controlplane.context import Context  # noqa: E402
+from controlplane.runs import create_run  # noqa: E402
+from controlplane.spec import ClusterSpec, RunSpec, StorageSpec  # noqa: E402
+from controlplane.supervisor.loop import Supervisor  # noqa: E402
+
+
+def run_spec(name: str, args: argparse.Namespace, *, async_save: bool, fault: dict) -> RunSpec:
+    return RunSpec.model_validate(
+        {
+            "name": name,
+            "model": {"preset": "tiny"},
+            "train": {"max_steps": args.steps, "global_batch_size": 8, "seq_len": 64, "schedule": {"warmup_steps": 4}},
+            "workers": {"num_workers": 2},
+            "checkpoint": {"interval_steps": args.interval, "keep_last": 3, "async_save": async_save},
+            "fault_tolerance": {"backoff_initial_s": 0.0, "hang_timeout_min_s": 60},
+            "faults": [fault],
+            "seed": 5,
+        }
+    )
+
+
+def supervise(ctx: Context, run_id: str, timeout_s: float = 600) -> str:
+    sup = Supervisor(ctx)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            sup.reconcile_run(run_id)
+            state = ctx.ledger.get_run(run_id)["state"]
+            if state in ("succeeded", "failed", "stopped"):
+                return state
+            time.sleep(0.2)
+    finally:
+        sup.close()
+    raise SystemExit(f"run {run_id} did not end within {timeout_s:.0f}s")
+
+
+def first_step_after(events: list[dict], t: float, attempt: int | None = None) -> float:
+    return min(
+        e["ts"] for e in events if e["type"] == "step" and e["ts"] > t and (attempt is None or e["attempt"] == attempt)
+    )
+
+
+def llmctl_tier1(ctx: Context, args: argparse.Namespace) -> tuple[float, list[dict]]:
+    fault = {"kind": "kill_worker", "at_step": args.kill_at, "rank": 1, "attempt": 1}
+    rd = create_run(ctx, run_spec("bench-tier1", args, async_save=True, fault=fault))
+    state = supervise(ctx, rd.run_id)
+    events = rd.events()
+    if state != "succeeded":
+        raise SystemExit(f"llmctl tier-1 run {state}")
+    t_kill = next(e["ts"] for e in events if e["type"] == "fault_injected")
+    return first_step_after(events, t_kill) - t_kill, events
+
+
+def llmctl_tier2(ctx: Context, args: argparse.Namespace) -> tuple[float, list[dict]]:
+    fault = {"kind": "exit_driver", "at_step": args.kill_at, "attempt": 1}
+    rd = create_run(ctx, run_spec("bench-tier2", args, async_save=False, fault=fault))
+    state = supervise(ctx, rd.run_id)
+    events = rd.events()
+    if state != "succeeded":
+        raise SystemExit(f"llmctl tier-2 run {state}")
+    t_crash = max(e["ts"] for e in events if e["attempt"] == 1 and e["type"] != "heartbeat")
+    return first_step_after(events, t_crash, attempt=2) - t_crash, events
+
+
+def ray_train_loop(cfg: dict) -> None:
+    import signal
+    import tempfile as tf
+
+    import torch
+    import torch.nn.functional as F
+    from ray import train
+    from ray.train import Checkpoint
+    from ray.train.torch import prepare_model
+
+    from controlplane.spec import LlamaDims
+    from jobs.pretrain.state import build_model, llama_config
+
+    rank = train.get_context().get_world_rank()
+    world = train.get_context().get_world_size()
+    torch.set_num_threads(1)
+    dims = LlamaDims(**cfg["dims"])
+    model = prepare_model(build_model(llama_config(dims), cfg["seed"], torch.device("cpu")))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    start, restored = 0, train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", weights_only=False)
+        model.module.load_state_dict(state["model"]) if hasattr(model, "module") else model.load_state_dict(
+            state["model"]
+        )
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    marker, first = Path(cfg["marker"]), Path(cfg["first"])
+    per_rank = cfg["global_batch"] // world
+    gen = torch.Generator().manual_seed(cfg["seed"] + rank)
+    for step in range(start + 1, cfg["steps"] + 1):
+        if rank == 1 and step == cfg["kill_at"] and not marker.exists():
+            marker.write_text(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        batch = torch.randint(0, dims.vocab_size, (per_rank, cfg["seq_len"] + 1), generator=gen)
+        logits = model(input_ids=batch[:, :-1]).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if restored is not None and rank == 0 and not first.exists():
+            first.write_text(repr(time.time()))
+        metrics = {"step": step, "loss": float(loss)}
+        if step % cfg["interval"] == 0 and rank == 0:
+            with tf.TemporaryDirectory() as d:
+                inner = model.module if hasattr(model, "module") else model
+                torch.save({"model": inner.state_dict(), "opt": opt.state_dict(), "step": step}, Path(d) / "state.pt")
+                train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            train.report(metrics)
+
+
+def ray_train_baseline(cluster: ClusterSpec, args: argparse.Namespace, work: Path) -> float:
+    """Run the baseline as a Ray job on the same cluster (as llmctl's job runs) and read its figure."""
+    client = ray_cluster.job_client(cluster)
+    out = work / "raytrain-result.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-out", str(out), "--work", str(work)]
+    cmd += ["--steps", str(args.steps), "--kill-at", str(args.kill_at), "--interval", str(args.interval)]
+    sid = client.submit_job(
+        entrypoint=" ".join(cmd), runtime_env=ray_cluster.runtime_env(cluster), entrypoint_num_cpus=0
+    )
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = str(client.get_job_status(sid).value)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(1.0)
+    if not out.exists():
+        raise SystemExit(f"Ray Train baseline job {status}:\n{client.get_job_logs(sid)[-3000:]}")
+    return json.loads(out.read_text())["recovery_s"]
+
+
+def ray_train_job(args: argparse.Namespace) -> int:
+    """Inside the Ray job: TorchTrainer with FailureConfig; rank 1 SIGKILLs itself at --kill-at."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    work = Path(args.work)
+    ray.init(log_to_driver=False)
+    spec = run_spec("bench-raytrain", args, async_save=False, fault={"kind": "kill_worker", "at_step": 1})
+    dims = spec.model.resolve(vocab_size=512, max_seq_len=spec.train.seq_len)
+    cfg = {
+        "dims": dims.model_dump(),
+        "seed": spec.seed,
+        "steps": args.steps,
+        "kill_at": args.kill_at,
+        "interval": args.interval,
+        "global_batch": spec.train.global_batch_size,
+        "seq_len": spec.train.seq_len,
+        "marker": str(work / "raytrain-kill"),
+        "first": str(work / "raytrain-first-step"),
+    }
+    trainer = TorchTrainer(
+        ray_train_loop,
+        train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name="recovery-baseline",
+            storage_path=str(work / "raytrain"),
+            failure_config=FailureConfig(max_failures=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    trainer.fit()
+    recovery = float((work / "raytrain-first-step").read_text()) - float((work / "raytrain-kill").read_text())
+    Path(args.baseline_out).write_text(json.dumps({"recovery_s": recovery}))
+    return 0
+
+
+def blocking(events: list[dict], synchronous: bool) -> float:
+    """Median seconds training was blocked per checkpoint."""
+    cks = [e for e in events if e["type"] == "checkpoint"]
+    if not cks:
+        raise SystemExit("no checkpoint events")
+    return statistics.median(e["blocking_s"] + (e["persist_s"] if synchronous else 0.0) for e in cks)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--kill-at", type=int, default=10)
+    ap.add_argument("--interval", type=int, default=8)
+    ap.add_argument("--baseline-out", help=argparse.SUPPRESS)  # set when running as the baseline's Ray job
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.baseline_out:
+        return ray_train_job(args)
+    work = Path(tempfile.mkdtemp(prefix="llmctl-bench-recovery-"))
+    os.environ["LLMCTL_HOME"] = str(work)
+    cluster = ClusterSpec(storage=StorageSpec(root=str(work)))
+    ctx = Context(cluster)
+    print(f"# local Ray cluster under {work}", file=sys.stderr)
+    ray_cluster.up(cluster, num_cpus=4, worker_nodes=0)
+    try:
+        from controlplane.data import prepare
+
+        prepare("manpages-ja", work / "datasets" / "manpages-ja", vocab_size=512, seed=0, max_bytes=300_000)
+        tier1, ev1 = llmctl_tier1(ctx, args)
+        tier2, ev2 = llmctl_tier2(ctx, args)
+        base = ray_train_baseline(cluster, args, work)
+    finally:
+        ray_cluster.down(cluster)
+    b_async, b_sync = blocking(ev1, False), blocking(ev2, True)
+    print(f"crash-to-first-step, worker SIGKILLed at step {args.kill_at} (tiny Llama, 2 CPU workers):")
+    print(f"  llmctl tier 1 (in-attempt replacement)        {tier1:8.2f} s")
+    print(f"  llmctl tier 2 (driver died, supervisor resub) {tier2:8.2f} s")
+    print(f"  Ray Train TorchTrainer + FailureConfig        {base:8.2f} s   (baseline)")
+    print(f"  ratio llmctl tier 1 / Ray Train               {tier1 / base:8.3f}")
+    print(f"  ratio llmctl tier 2 / Ray Train               {tier2 / base:8.3f}")
+    print("checkpoint: time training is blocked per save")
+    print(f"  async (copy to host, write in background)     {b_async:8.4f} s")
+    print(f"  synchronous (copy + write)                    {b_sync:8.4f} s   (baseline)")
+    print(f"  ratio async / synchronous                     {b_async / b_sync:8.3f}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

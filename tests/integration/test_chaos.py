@@ -1,0 +1,303 @@
+"""Chaos on a real local Ray cluster (a head and a second raylet node, token auth on).
+
+One `llmctl supervise` process watches every run of the module, as in production. Each case
+records a tiny run (2 CPU workers, 24 steps, a checkpoint every 8), lets the supervisor
+submit it, breaks something for real, and then checks the same four things:
+
+- the run reaches its final step and ends `succeeded`;
+- work lost is at most one checkpoint interval (per restart: the newest step the failed
+  attempt reached minus the step the next attempt resumed from);
+- no attempt ran twice: the Jobs API knows exactly `<run>-a1..aN`, one per ledger attempt,
+  and each attempt wrote one `start` event;
+- the ledger shows the cause (incidents, the `recovering` transition) and the recovery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from controlplane import checkpoint as ckpt
+from controlplane import ray_cluster
+from controlplane.context import Context
+from controlplane.rundir import RunDir
+from controlplane.runs import create_run
+from controlplane.spec import ClusterSpec, RunSpec, StorageSpec
+from controlplane.supervisor import store
+from tests.integration.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+STEPS, INTERVAL = 24, 8
+NAN_AT = INTERVAL + 5
+# attempt 1 steps at ~6/s, so each fault lands mid-run (the tiny model alone does ~40/s)
+SLOW = {"kind": "slow_worker", "at_step": 1, "rank": 0, "attempt": 1, "seconds": 0.15}
+RUN_TIMEOUT_S = 240
+
+
+class SupervisorProcess:
+    """`llmctl supervise` as a real process that a test can SIGKILL and start again."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.proc: subprocess.Popen | None = None
+        self.log = home / "logs" / "chaos-supervisor.log"
+        self.starts = 0
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "LLMCTL_HOME": str(self.home), "PYTHONPATH": str(REPO)}
+        env.pop("LLMCTL_CLUSTER", None)
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "controlplane", "supervise", "--interval", "0.5"],
+                env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self.starts += 1
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def supervisor(ray_home):
+    sup = SupervisorProcess(ray_home)
+    sup.start()
+    yield sup
+    sup.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def ctx(cluster_home, dataset_dir, supervisor):
+    return Context.load()
+
+
+@pytest.fixture(scope="module")
+def drills(ray_home, dataset_dir, supervisor):
+    """Runs whose faults are drills need no hand from the test: they start with the module and
+    run beside the first cases (the cluster has room for three runs), to keep the suite short."""
+    ctx = Context(ClusterSpec(storage=StorageSpec(root=str(ray_home))))
+    nan = {"kind": "nan_loss", "at_step": NAN_AT, "rank": 0, "attempt": 1}
+    enospc = {"kind": "checkpoint_enospc", "at_step": INTERVAL, "attempt": 1}
+    return {"nan": submit(ctx, "chaos-nan", faults=[nan]), "enospc": submit(ctx, "chaos-enospc", faults=[enospc])}
+
+
+def submit(ctx: Context, name: str, faults=(), **ft) -> RunDir:
+    spec = {
+        "name": name,
+        "model": {"preset": "tiny"},
+        "train": {"max_steps": STEPS, "global_batch_size": 8, "seq_len": 64, "schedule": {"warmup_steps": 4}},
+        "workers": {"num_workers": 2},
+        "checkpoint": {"interval_steps": INTERVAL, "keep_last": 5, "async_save": True},
+        "fault_tolerance": {"backoff_initial_s": 0.5, "backoff_max_s": 4, "hang_timeout_min_s": 60, **ft},
+        "faults": [SLOW, *faults],
+        "seed": 11,
+    }
+    return create_run(ctx, RunSpec.model_validate(spec))  # pending: the supervisor submits attempt 1
+
+
+def step_reached(rd: RunDir, step: int, attempt: int | None = None) -> bool:
+    return any(e["step"] >= step for e in rd.events({"step"}) if attempt is None or e["attempt"] == attempt)
+
+
+def first_start(rd: RunDir, attempt: int = 1) -> dict:
+    return wait_for(lambda: next((e for e in rd.events({"start"}) if e["attempt"] == attempt), None), 180, "start")
+
+
+def recovered(ctx: Context, rd: RunDir, max_lost: int = INTERVAL) -> dict:
+    """Wait for the end and check the four promises; return what the ledger holds for more checks."""
+    run_id = rd.run_id
+    wait_for(
+        lambda: ctx.ledger.get_run(run_id)["state"] in ("succeeded", "failed", "stopped"), RUN_TIMEOUT_S, "the end"
+    )
+    run = ctx.ledger.get_run(run_id)
+    attempts = ctx.ledger.attempts(run_id)
+    incidents = ctx.ledger.incidents(run_id)
+    transitions = ctx.ledger.transitions(run_id)
+    why = {"run": run, "attempts": attempts, "incidents": incidents}
+    assert run["state"] == "succeeded", why
+    steps = rd.events({"step"})
+    assert max(e["step"] for e in steps) == STEPS
+    # no duplicate attempt
+    starts = Counter(e["attempt"] for e in rd.events({"start"}))
+    assert all(n == 1 for n in starts.values()), starts
+    assert sorted(starts) == [a["attempt"] for a in attempts], (starts, attempts)
+    jobs = ray_cluster.job_client(ctx.cluster).list_jobs()
+    sids = sorted(j.submission_id for j in jobs if (j.submission_id or "").startswith(run_id + "-a"))
+    assert sids == sorted(f"{run_id}-a{a['attempt']}" for a in attempts), sids
+    # work lost per restart
+    reached = {
+        a["attempt"]: max((e["step"] for e in steps if e["attempt"] == a["attempt"]), default=0) for a in attempts
+    }
+    resumed = {e["attempt"]: e["resume_step"] for e in rd.events({"start"})}
+    for n in range(2, len(attempts) + 1):
+        lost = reached[n - 1] - resumed[n]
+        assert lost <= max_lost, f"attempt {n} resumed at {resumed[n]} after attempt {n - 1} reached {reached[n - 1]}"
+    # every checkpoint left on disk verifies; the ledger has them
+    for s in ckpt.committed_steps(rd.checkpoints):
+        ckpt.verify(rd.checkpoints / ckpt.step_dirname(s))
+    assert STEPS in [c["step"] for c in ctx.ledger.checkpoints(run_id)]
+    return {
+        "attempts": attempts,
+        "incidents": incidents,
+        "transitions": transitions,
+        "kinds": [i["kind"] for i in incidents],
+    }
+
+
+def recovering_causes(r: dict) -> list[str]:
+    return [t["cause"] for t in r["transitions"] if t["to_state"] == "recovering"]
+
+
+def kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def test_sigkill_a_training_worker(ctx, drills):
+    rd = submit(ctx, "chaos-kill-worker")
+    start = first_start(rd)
+    wait_for(lambda: step_reached(rd, 5), 120, "step 5")
+    kill(next(w["pid"] for w in start["workers"] if w["rank"] == 1))
+    r = recovered(ctx, rd)
+    assert "worker_died" in r["kinds"]
+    assert "worker_replaced" in r["kinds"] or len(r["attempts"]) == 2, r["kinds"]
+
+
+def test_sigkill_a_worker_while_a_checkpoint_is_written(ctx):
+    rd = submit(ctx, "chaos-kill-in-ckpt")
+    start = first_start(rd)
+    rank0 = next(w["pid"] for w in start["workers"] if w["rank"] == 0)  # rank 0 writes checkpoints
+
+    def writing() -> bool:
+        with contextlib.suppress(FileNotFoundError):
+            if any(n.startswith(".staging-") for n in os.listdir(rd.checkpoints)):
+                return True
+        return step_reached(rd, 2 * INTERVAL)  # never caught in the act: kill right after a due step
+
+    wait_for(writing, 120, "a checkpoint being written", every=0.002)
+    kill(rank0)
+    r = recovered(ctx, rd)
+    # the job replaces the worker in-attempt, or (a death inside the checkpoint call) its driver
+    # fails and the supervisor resumes from the newest checkpoint that did commit
+    assert "worker_died" in r["kinds"] or ("crash" in r["kinds"] and len(r["attempts"]) == 2), r["kinds"]
+
+
+def test_kill_the_job_driver(ctx):
+    rd = submit(ctx, "chaos-kill-driver")
+    start = first_start(rd)
+    wait_for(lambda: step_reached(rd, INTERVAL + 4), 120, f"step {INTERVAL + 4}")
+    kill(start["driver_pid"])
+    r = recovered(ctx, rd)
+    assert len(r["attempts"]) == 2 and r["attempts"][0]["state"] == "failed"
+    assert recovering_causes(r) and "in attempt 1" in recovering_causes(r)[0]
+
+
+def test_sigkill_the_supervisor_and_start_it_again(ctx, supervisor):
+    drill = {"kind": "exit_driver", "at_step": INTERVAL + 3, "attempt": 1}
+    rd = submit(ctx, "chaos-kill-supervisor", faults=[drill])
+    first_start(rd)
+    wait_for(lambda: step_reached(rd, 4), 120, "step 4")
+    supervisor.kill(signal.SIGKILL)  # the driver dies while no supervisor is watching
+    sid = ray_cluster.submission_id(rd.run_id, 1)
+    wait_for(lambda: ray_cluster.job_status(ctx.cluster, sid) == "FAILED", 120, "attempt 1 to fail")
+    assert len(ctx.ledger.attempts(rd.run_id)) == 1
+    supervisor.start()
+    r = recovered(ctx, rd)
+    assert len(r["attempts"]) == 2
+    assert any("driver" in c or "crash" in c for c in recovering_causes(r)), recovering_causes(r)
+
+
+def test_sigstop_a_worker_hang(ctx):
+    rd = submit(ctx, "chaos-hang", hang_timeout_min_s=40)
+    start = first_start(rd)
+    wait_for(lambda: step_reached(rd, 5), 120, "step 5")
+    victim = next(w["pid"] for w in start["workers"] if w["rank"] == 1)
+    kill(victim, signal.SIGSTOP)
+    try:
+        r = recovered(ctx, rd)
+    finally:
+        kill(victim, signal.SIGKILL)
+    assert "hang" in r["kinds"], r["kinds"]
+
+
+def test_corrupt_newest_checkpoint_is_skipped(ctx):
+    rd = submit(ctx, "chaos-corrupt")
+    start = first_start(rd)
+    wait_for(lambda: any(e["step"] >= 2 * INTERVAL for e in rd.events({"checkpoint"})), 180, "two checkpoints")
+    kill(start["driver_pid"])
+    sid = ray_cluster.submission_id(rd.run_id, 1)
+    wait_for(lambda: ray_cluster.job_status(ctx.cluster, sid) in ("FAILED", "STOPPED"), 60, "attempt 1 to end")
+    newest = ckpt.committed_steps(rd.checkpoints)[-1]
+    victim = rd.checkpoints / ckpt.step_dirname(newest) / "model.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one bit flipped: only the checksum can tell
+    victim.write_bytes(bytes(data))
+    r = recovered(ctx, rd, max_lost=2 * INTERVAL)  # the corrupt one costs one more interval
+    start2 = first_start(rd, 2)
+    assert start2["resume_step"] < newest and any(s == newest for s, _ in start2["skipped_checkpoints"])
+    assert "checkpoint_skipped" in r["kinds"]
+
+
+def test_nan_loss_drill_rolls_back_and_skips_the_window(ctx, drills):
+    bad, rd = NAN_AT, drills["nan"]
+    r = recovered(ctx, rd)
+    assert len(r["attempts"]) == 2
+    rollback = next(i for i in r["incidents"] if i["kind"] == "rollback")
+    assert rollback["detail"]["bad_step"] == bad and rollback["detail"]["to_step"] == INTERVAL
+    assert rollback["detail"]["skip"] == [INTERVAL + 1, bad + 1]
+    assert r["attempts"][1]["info"]["skip_steps"] == [[INTERVAL + 1, bad + 1]]
+    assert first_start(rd, 2)["resume_step"] == INTERVAL
+
+
+def test_checkpoint_enospc_drill(ctx, drills):
+    rd = drills["enospc"]
+    r = recovered(ctx, rd)
+    assert "checkpoint_failed" in r["kinds"]
+    failed = next(i for i in r["incidents"] if i["kind"] == "checkpoint_failed")
+    assert "No space left" in (failed["detail"].get("error") or "")
+
+
+def test_kill_a_raylet_node(ctx):
+    """Both workers on the second node (the head's CPUs held by a placeholder job); kill that node.
+    Last in the module: the cluster carries on with its head alone (enough for a 2-worker run)."""
+    client = ray_cluster.job_client(ctx.cluster)
+    state = ray_cluster.read_state(ctx.cluster)
+    hold = client.submit_job(
+        entrypoint="sleep 600",
+        entrypoint_num_cpus=state.num_cpus,
+        entrypoint_resources={"node:__internal_head__": 0.001},
+    )
+    try:
+        wait_for(lambda: str(client.get_job_status(hold).value) == "RUNNING", 60, "the placeholder job")
+        rd = submit(ctx, "chaos-kill-node")
+        start = first_start(rd)
+        heads = {n["node_id"] for n in ray_cluster.status(ctx.cluster)["nodes"] if n["is_head"]}
+        assert not {w["node_id"] for w in start["workers"]} & heads, "workers should be on the second node"
+        wait_for(lambda: step_reached(rd, INTERVAL + 2), 120, f"step {INTERVAL + 2}")
+        ray_cluster.kill_node(ctx.cluster, len(state.nodes) - 1)  # the raylet and its agents...
+        for w in start["workers"]:  # ...and the worker processes it hosted, as a dead machine takes them
+            kill(w["pid"])
+    finally:
+        client.stop_job(hold)
+    try:
+        r = recovered(ctx, rd)
+        assert "worker_died" in r["kinds"] and len(r["attempts"]) == 2
+        node = next(w["node_id"] for w in start["workers"])
+        assert node in store.excluded_nodes(ctx.ledger)  # both ranks died there: threshold reached
+    finally:
+        for n in store.excluded_nodes(ctx.ledger):
+            store.readmit_node(ctx.ledger, n)
