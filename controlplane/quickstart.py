@@ -92,12 +92,12 @@ def step_data(q: Quickstart) -> None:
 
 def step_train(q: Quickstart) -> None:
     from controlplane.cli.watch import watch_run
-    from controlplane.runs import create_run, launch_attempt, summarize
+    from controlplane.runs import create_run, start_run, summarize
 
     spec = default_run_spec(q.steps, q.inject_fault)
     run_dir = create_run(q.ctx, spec)
     q.run_id = run_dir.run_id
-    launch_attempt(q.ctx, q.run_id, "submitted")
+    start_run(q.ctx, q.run_id)
     code = watch_run(q.ctx, q.run_id)
     s = summarize(run_dir.events(), spec.train.steps)
     q.failed = code != 0

@@ -34,7 +34,7 @@ from controlplane.observability.panels import exported_dashboards, substitute
 from controlplane.observability.prom import PrometheusServer, free_port
 from controlplane.observability.runbooks import load_alerts
 from controlplane.rollout.export import export_checkpoint
-from controlplane.runs import create_run, launch_attempt, stop_run
+from controlplane.runs import create_run, start_run, stop_run
 from controlplane.spec import RunSpec
 from tests.integration.conftest import wait_for
 
@@ -98,7 +98,7 @@ def stack(ray_home, dataset_dir, tmp_path_factory):
         run_dir = create_run(ctx, _train_spec())
         run_id = run_dir.run_id
         closers.append(lambda: stop_run(Context.load(), run_id, "observability test done"))
-        launch_attempt(ctx, run_id, "submitted")
+        start_run(ctx, run_id)
         start = wait_for(lambda: run_dir.events({"start"}), 300, "the training job to start")[-1]
         train = start["metrics_url"].removeprefix("http://").removesuffix("/metrics")
         # node-a's GPUs work for the run (what a worker on a GPU node records): its GPU series carry run_id.
