@@ -112,10 +112,30 @@ def step_train(q: Quickstart) -> None:
         )
 
 
+def step_goodput(q: Quickstart) -> None:
+    from controlplane.supervisor.metrics import run_goodput
+
+    g = run_goodput(q.ctx, q.ctx.ledger.get_run(q.run_id))
+    lost = ", ".join(
+        f"{k.replace('_', ' ')} {v:.1f}s"
+        for k, v in sorted(g.seconds.items(), key=lambda kv: -kv[1])
+        if k != "productive" and v >= 0.05
+    )
+    q.summary.append(f"goodput      {g.ratio:.1%} of {g.wall_s:.0f}s wall time" + (f"; lost: {lost}" if lost else ""))
+
+
+def step_energy(q: Quickstart) -> None:
+    from controlplane.telemetry.energy import run_energy_summary
+
+    q.summary.append(f"energy       {run_energy_summary(q.ctx, q.run_id)}")
+
+
 STEPS: list[Step] = [
     Step("Bringing up the local Ray cluster", step_cluster),
     Step("Preparing the Japanese corpus (manpages-ja)", step_data),
     Step("Pretraining the tiny Llama on 2 CPU workers", step_train),
+    Step("Accounting where the time went", step_goodput, needs_run=True),
+    Step("Accounting the energy", step_energy, needs_run=True),
 ]
 
 
