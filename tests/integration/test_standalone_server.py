@@ -1,0 +1,105 @@
+"""The single-node server a Kubernetes serving pod runs: a real process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from serving_factory import make_run
+
+from controlplane.context import Context
+from controlplane.rollout.export import export_checkpoint
+from controlplane.rundir import RunDir
+
+pytestmark = pytest.mark.integration
+TOKEN = "test-token-4f1c"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_token_required_metrics_exposed_token_never_logged(tmp_path):
+    ctx = Context.load()
+    make_run(ctx, "sa", steps=(10,))
+    model_dir = export_checkpoint(RunDir.of(ctx.storage, "sa")).model_dir
+    env = dict(os.environ, LLMCTL_SERVE_TOKEN=TOKEN, PYTHONPATH=os.getcwd(), LLMCTL_DRILL="")
+    # Beyond loopback without a token: refused.
+    bare = {k: v for k, v in env.items() if k != "LLMCTL_SERVE_TOKEN"}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.serve",
+            "standalone",
+            "--model-dir",
+            str(model_dir),
+            "--version",
+            "v",
+            "--host",
+            "0.0.0.0",
+        ],
+        env=bare,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "requires $LLMCTL_SERVE_TOKEN" in r.stderr
+
+    port = free_port()
+    log = tmp_path / "server.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jobs.serve",
+                "standalone",
+                "--model-dir",
+                str(model_dir),
+                "--version",
+                "sa-s10",
+                "--port",
+                str(port),
+                "--engine",
+                "transformers",
+            ],
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            pytest.fail(f"server did not come up: {log.read_text()[-2000:]}")
+        body = {"prompt": "日本の首都は", "max_tokens": 5}
+        assert httpx.post(f"{base}/v1/completions", json=body, timeout=30).status_code == 401
+        bad = {"Authorization": "Bearer wrong"}
+        assert httpx.post(f"{base}/v1/completions", json=body, headers=bad, timeout=30).status_code == 401
+        ok = httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        assert ok.status_code == 200, ok.text
+        data = ok.json()
+        assert data["object"] == "text_completion" and data["model"] == "sa-s10"
+        assert data["usage"]["completion_tokens"] <= 5 and isinstance(data["choices"][0]["text"], str)
+        metrics = httpx.get(f"{base}/metrics", timeout=5).text
+        assert 'llmctl_serve_requests_total{code="200",version="sa-s10"} 1.0' in metrics
+        assert 'llmctl_serve_requests_total{code="401",version="none"} 2.0' in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert TOKEN not in log.read_text()
