@@ -84,6 +84,62 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     (
+        "0002_supervisor",
+        """
+        CREATE TABLE supervisor_runs (
+            run_id      TEXT PRIMARY KEY REFERENCES runs(run_id),
+            events_offset INTEGER NOT NULL DEFAULT 0,
+            state_json  TEXT NOT NULL DEFAULT '{}',
+            updated_at  REAL NOT NULL
+        );
+        CREATE TABLE supervisor_decisions (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id      TEXT NOT NULL REFERENCES runs(run_id),
+            attempt     INTEGER,
+            action      TEXT NOT NULL,
+            cause       TEXT NOT NULL,
+            detail_json TEXT NOT NULL DEFAULT '{}',
+            at          REAL NOT NULL
+        );
+        CREATE TABLE node_exclusions (
+            node        TEXT PRIMARY KEY,
+            excluded    INTEGER NOT NULL,
+            reason      TEXT NOT NULL,
+            run_id      TEXT,
+            detail_json TEXT NOT NULL DEFAULT '{}',
+            excluded_at REAL NOT NULL,
+            readmitted_at REAL
+        );
+        CREATE INDEX supervisor_decisions_run ON supervisor_decisions(run_id, id);
+        """,
+    ),
+    (
+        # Energy accounting per run (controlplane/telemetry/energy.py reads and writes it).
+        "0003_telemetry",
+        """
+        CREATE TABLE run_energy (
+            run_id            TEXT PRIMARY KEY REFERENCES runs(run_id),
+            gpus              INTEGER NOT NULL,
+            gpu_seconds       REAL NOT NULL,
+            gpu_joules        REAL NOT NULL,
+            counter_joules    REAL,
+            integrated_joules REAL,
+            disagreement      REAL,
+            tokens            INTEGER,
+            joules_per_token  REAL,
+            gpu_kwh           REAL NOT NULL,
+            facility_kwh      REAL NOT NULL,
+            co2e_kg           REAL NOT NULL,
+            avg_power_w       REAL,
+            pue               REAL NOT NULL,
+            carbon_intensity  REAL NOT NULL,
+            power_json        TEXT NOT NULL DEFAULT '[]',
+            detail_json       TEXT NOT NULL DEFAULT '{}',
+            updated_at        REAL NOT NULL
+        )
+        """,
+    ),
+    (
         "0004_rollout",
         """
         CREATE TABLE evaluations (

@@ -142,6 +142,20 @@ class RunDir:
         return [e for _, e in self.iter_events() if types is None or e.get("type") in types]
 
 
+class EventTail:
+    """Follows a run's events.jsonl: each `poll()` returns the complete lines added since the last."""
+
+    def __init__(self, run_dir: RunDir, offset: int = 0):
+        self.run_dir = run_dir
+        self.offset = offset
+
+    def poll(self) -> list[dict[str, Any]]:
+        out = []
+        for self.offset, event in self.run_dir.iter_events(self.offset):  # noqa: B020
+            out.append(event)
+        return out
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write via a temp file, fsync, rename: readers see the old or the new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -323,6 +323,28 @@ class CheckpointSpec(StrictModel):
     )
 
 
+class ParallelismSpec(StrictModel):
+    """How the model is split across GPUs. The data-parallel degree is derived:
+    GPUs / (tensor x pipeline)."""
+
+    tensor: PositiveInt = Field(1, le=64, description="Tensor-parallel degree (GPUs sharing each layer).")
+    pipeline: PositiveInt = Field(1, le=256, description="Pipeline-parallel stages (num_layers must divide).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        1,
+        description="ZeRO sharding over the data-parallel group: 0 none, 1 optimizer states, "
+        "2 also gradients, 3 also weights (FSDP full sharding).",
+    )
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        "none",
+        description="'none' keeps every activation; 'selective' recomputes attention and shards the "
+        "rest over the tensor group (sequence parallel); 'full' keeps only each layer's input.",
+    )
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tensor * self.pipeline
+
+
 class FaultToleranceSpec(StrictModel):
     max_restarts: int = Field(20, ge=0, description="Attempts beyond the first before the run fails.")
     backoff_initial_s: float = Field(1.0, ge=0, description="First restart delay, doubled each time.")
@@ -364,6 +386,9 @@ class PowerSpec(StrictModel):
 class MetricsSpec(StrictModel):
     enabled: bool = Field(True, description="Expose llmctl_train_* metrics from rank 0.")
     port: int = Field(0, ge=0, le=65535, description="Port of the metrics endpoint; 0 picks a free one.")
+    host: str = Field(
+        "127.0.0.1", description="Bind address of the metrics endpoint; loopback unless a scraper needs more."
+    )
 
 
 class FaultInjection(StrictModel):
@@ -391,6 +416,9 @@ class RunSpec(StrictModel):
         default_factory=FaultToleranceSpec, description="Restart, hang and numerical-fault policy."
     )
     power: PowerSpec = Field(default_factory=PowerSpec, description="GPU power policy.")
+    parallelism: ParallelismSpec = Field(
+        default_factory=ParallelismSpec, description="Model and data parallelism (sizes memory per GPU)."
+    )
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Metrics endpoint.")
     seed: int = Field(0, ge=0, description="Seed for model init, data order and dropout.")
     faults: list[FaultInjection] = Field(
@@ -409,10 +437,19 @@ class RunSpec(StrictModel):
             raise ValueError(
                 f"train.micro_batch_size ({train.micro_batch_size}) must divide the per-worker batch ({per_worker})"
             )
+        gpus = self.world_gpus
+        mp = self.parallelism.model_parallel
+        if mp > 1 and gpus % mp:
+            raise ValueError(f"parallelism: tensor x pipeline ({mp}) must divide the GPUs of the run ({gpus})")
         for fault in self.faults:
             if fault.rank >= n:
                 raise ValueError(f"faults: rank {fault.rank} does not exist with {n} workers")
         return self
+
+    @property
+    def world_gpus(self) -> int:
+        """GPUs the run trains on: workers x GPUs per worker (0 for a CPU run)."""
+        return int(self.workers.num_workers * self.workers.gpus_per_worker)
 
 
 # --------------------------------------------------------------------------- rollout

@@ -6,11 +6,243 @@ neither Ray nor torch.
 
 from __future__ import annotations
 
-import typer
+import json
+import time
+from pathlib import Path
+from typing import Annotated
 
-from controlplane.cli.export_cmd import run_export
+import typer
+from rich.table import Table
+
+from controlplane.cli.common import ClusterOpt, JsonOpt, emit_json, err, human_duration, out
+from controlplane.cli.telemetry_cmd import run_energy
+from controlplane.context import Context
+from controlplane.errors import UserError
+from controlplane.rundir import EventTail, RunDir
+from controlplane.spec import RunSpec, load_spec
+from controlplane.states import RunState
 
 app = typer.Typer(help="Submit, watch and inspect training runs.", no_args_is_help=True)
 
+RunArg = Annotated[str, typer.Argument(help="Run id (or a unique prefix of one).")]
+
+
+def _run(ctx: Context, run_id: str) -> tuple[dict, RunDir]:
+    run = ctx.ledger.find_run(run_id)
+    return run, RunDir(Path(run["run_dir"]))
+
+
+def _total_steps(run: dict) -> int | None:
+    try:
+        from controlplane.runs import load_run_spec
+
+        return load_run_spec(run).train.steps
+    except Exception:  # a record from another version: progress without a total
+        return None
+
+
+@app.command()
+def submit(
+    spec_file: Annotated[Path, typer.Argument(help="Run spec (YAML).")],
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Supervise in the foreground with a progress bar.")
+    ] = False,
+    cluster: ClusterOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Record a run and submit its first attempt to the Ray cluster."""
+    from controlplane.runs import create_run, launch_attempt
+
+    spec = load_spec(RunSpec, spec_file)
+    ctx = Context.load(cluster)
+    run_dir = create_run(ctx, spec)
+    attempt = launch_attempt(ctx, run_dir.run_id, "submitted")
+    if json_:
+        emit_json({"run_id": run_dir.run_id, "attempt": attempt, "run_dir": str(run_dir.path)})
+    else:
+        out.print(f"run {run_dir.run_id} submitted (attempt {attempt}); run dir {run_dir.path}")
+    if watch:
+        from controlplane.cli.watch import watch_run
+
+        code = watch_run(ctx, run_dir.run_id)
+        raise typer.Exit(code)
+
+
+@app.command("watch")
+def watch_cmd(run_id: RunArg, cluster: ClusterOpt = None) -> None:
+    """Supervise a live run in the foreground with a progress bar until it ends."""
+    from controlplane.cli.watch import watch_run
+
+    ctx = Context.load(cluster)
+    raise typer.Exit(watch_run(ctx, ctx.ledger.find_run(run_id)["run_id"]))
+
+
+@app.command("list")
+def list_cmd(
+    cluster: ClusterOpt = None,
+    json_: JsonOpt = False,
+    all_: Annotated[bool, typer.Option("--all", "-a", help="Include ended runs.")] = True,
+) -> None:
+    """Runs in the ledger, newest first."""
+    from controlplane.runs import summarize
+
+    ctx = Context.load(cluster)
+    rows = []
+    for run in ctx.ledger.list_runs():
+        if not all_ and RunState(run["state"]).is_terminal:
+            continue
+        s = summarize(RunDir(Path(run["run_dir"])).events({"step", "checkpoint", "end"}))
+        rows.append(
+            {
+                "run_id": run["run_id"],
+                "state": run["state"],
+                "step": s["step"],
+                "loss": s["loss"],
+                "created_at": run["created_at"],
+                "cause": run["cause"],
+            }
+        )
+    if json_:
+        emit_json(rows)
+        return
+    table = Table("RUN", "STATE", "STEP", "LOSS", "AGE", "CAUSE")
+    now = time.time()
+    for r in rows:
+        loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
+        table.add_row(
+            r["run_id"], r["state"], str(r["step"]), loss, human_duration(now - r["created_at"]), r["cause"] or ""
+        )
+    out.print(table)
+
+
+@app.command()
+def status(run_id: RunArg, cluster: ClusterOpt = None, json_: JsonOpt = False) -> None:
+    """State, progress, attempts, checkpoints, incidents and stragglers of one run."""
+    from controlplane.runs import summarize
+
+    ctx = Context.load(cluster)
+    run, run_dir = _run(ctx, run_id)
+    total = _total_steps(run)
+    s = summarize(run_dir.events(), total)
+    attempts = ctx.ledger.attempts(run["run_id"])
+    incidents = ctx.ledger.incidents(run["run_id"])
+    data = {
+        "run_id": run["run_id"],
+        "state": run["state"],
+        "cause": run["cause"],
+        "run_dir": run["run_dir"],
+        "progress": {k: v for k, v in s.items() if k not in ("failures", "replacements", "stragglers", "end")},
+        "attempts": attempts,
+        "checkpoints": ctx.ledger.checkpoints(run["run_id"]),
+        "incidents": incidents,
+        "failures": s["failures"],
+        "worker_replacements": s["replacements"],
+        "stragglers": s["stragglers"],
+    }
+    if json_:
+        emit_json(data)
+        return
+    loss = f"{s['loss']:.4f}" if s["loss"] is not None else "-"
+    tps = f"{s['tokens_per_s']:.0f}" if s["tokens_per_s"] else "-"
+    out.print(f"[bold]{run['run_id']}[/bold]  {run['state']}" + (f"  ({run['cause']})" if run["cause"] else ""))
+    out.print(
+        f"  step {s['step']}/{total or '?'}  loss {loss}  tokens {s['tokens']:,}  tokens/s {tps}  eta {human_duration(s['eta_s'])}"
+    )
+    out.print(f"  checkpoints {s['checkpoints']} (last at step {s['last_checkpoint_step']})  run dir {run['run_dir']}")
+    if s.get("rank_step_times"):
+        times = "  ".join(f"r{i}={t * 1000:.0f}ms" for i, t in enumerate(s["rank_step_times"]))
+        out.print(f"  per-rank step time: {times}")
+    if s["stragglers"]:
+        last = s["stragglers"][-1]
+        out.print(
+            f"  stragglers: {len(s['stragglers'])} events; last rank {last.get('rank')} at {last.get('step_time_s', 0):.2f}s vs median {last.get('median_s', 0):.2f}s"
+        )
+    table = Table("ATTEMPT", "STATE", "RESUME", "JOB", "CAUSE", "DURATION")
+    for a in attempts:
+        dur = (a["ended_at"] or time.time()) - a["started_at"]
+        table.add_row(
+            str(a["attempt"]),
+            a["state"],
+            str(a["resume_step"] if a["resume_step"] is not None else "-"),
+            a["job_id"] or "-",
+            a["cause"] or "",
+            human_duration(dur),
+        )
+    out.print(table)
+    for inc in incidents[-10:]:
+        out.print(
+            f"  incident #{inc['id']} {inc['kind']} (attempt {inc['attempt']}): {json.dumps(inc['detail'], ensure_ascii=False)[:160]}"
+        )
+
+
+@app.command()
+def events(
+    run_id: RunArg,
+    cluster: ClusterOpt = None,
+    type_: Annotated[list[str] | None, typer.Option("--type", "-t", help="Only these event types.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
+    tail: Annotated[int, typer.Option("--tail", "-n", help="Only the last N events (0 = all).")] = 0,
+) -> None:
+    """Print the run's events.jsonl, one JSON object a line."""
+    ctx = Context.load(cluster)
+    run, run_dir = _run(ctx, run_id)
+    types = set(type_) if type_ else None
+    tail_ = EventTail(run_dir)
+    first = [ev for ev in tail_.poll() if types is None or ev.get("type") in types]
+    for ev in first[-tail:] if tail else first:
+        typer.echo(json.dumps(ev, ensure_ascii=False))
+    while follow and not RunState(ctx.ledger.get_run(run["run_id"])["state"]).is_terminal:
+        time.sleep(1.0)
+        for ev in tail_.poll():
+            if types is None or ev.get("type") in types:
+                typer.echo(json.dumps(ev, ensure_ascii=False))
+
+
+@app.command()
+def logs(
+    run_id: RunArg,
+    cluster: ClusterOpt = None,
+    attempt: Annotated[int | None, typer.Option("--attempt", help="Attempt number (default: the latest).")] = None,
+) -> None:
+    """Driver and worker logs of an attempt (saved copy, else live from the Ray Jobs API)."""
+    ctx = Context.load(cluster)
+    run, run_dir = _run(ctx, run_id)
+    attempts = ctx.ledger.attempts(run["run_id"])
+    if not attempts:
+        raise UserError(f"run {run['run_id']}: no attempts yet")
+    chosen = attempts[-1] if attempt is None else next((a for a in attempts if a["attempt"] == attempt), None)
+    if chosen is None:
+        raise UserError(f"--attempt: run {run['run_id']} has attempts 1..{attempts[-1]['attempt']}")
+    saved = run_dir.logs / f"attempt-{chosen['attempt']}.log"
+    if saved.exists():
+        typer.echo(saved.read_text(errors="replace"), nl=False)
+        return
+    if not chosen.get("job_id"):
+        raise UserError(f"attempt {chosen['attempt']} was never submitted")
+    from controlplane import ray_cluster
+
+    typer.echo(ray_cluster.job_logs(ctx.cluster, chosen["job_id"]), nl=False)
+
+
+@app.command()
+def stop(run_id: RunArg, cluster: ClusterOpt = None) -> None:
+    """Stop a run: its live attempt's job is stopped and the run is marked stopped."""
+    from controlplane.runs import stop_run
+
+    ctx = Context.load(cluster)
+    run = ctx.ledger.find_run(run_id)
+    if stop_run(ctx, run["run_id"]):
+        out.print(f"run {run['run_id']} stopped")
+    else:
+        err.print(f"run {run['run_id']} already ended ({run['state']})")
+
+
 # Verbs defined in other modules are attached here, one line each:
+from controlplane.cli.supervise_cmd import run_goodput  # noqa: E402
+
+app.command("goodput")(run_goodput)
+app.command("energy")(run_energy)
+
+from controlplane.cli.export_cmd import run_export  # noqa: E402
+
 app.command("export")(run_export)

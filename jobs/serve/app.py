@@ -6,8 +6,9 @@
 
 Versions live in applications of their own, so a candidate is added and removed without
 touching the stable one; the router sends each request to a version drawn by weight and
-measures what the client sees. Weights change through `Router.set_weights` (a handle call),
-atomically for all new requests.
+measures what the client sees. The control plane changes weights and reads windows over
+HTTP (`<prefix>/admin/...`, an admin token whose digest the router holds), so it needs no
+Ray driver of its own; a weight change applies atomically to all new requests.
 
 Drill switch (documented fault injection for canary drills and tests): a version's
 `drill: {"error_rate": 0.3, "delay_s": 1.5, "seed": 0}` makes its replicas raise on that
@@ -70,6 +71,7 @@ class Router:
     def __init__(self, cfg: dict[str, Any]):
         self.service = cfg["service"]
         self.token_digest = cfg.get("token_sha256")
+        self.admin_digest = cfg.get("admin_token_sha256")
         self.metrics = ServeMetrics()
         m = cfg.get("metrics") or {}
         self.metrics_port = self.metrics.serve(m.get("host", "127.0.0.1"), int(m.get("port", 0)))
@@ -129,8 +131,28 @@ class Router:
             return None
         return self.rng.choices([v for v, _ in live], weights=[w for _, w in live])[0]
 
+    async def _admin(self, request: Request, path: str) -> JSONResponse:
+        """The control plane's API: /admin/info, /admin/stats?version=&since=, POST /admin/weights."""
+        if not self.admin_digest or not authorized(request.headers.get("authorization"), self.admin_digest):
+            return JSONResponse(error_body("missing or invalid admin token", "unauthorized", 401), 401)
+        action = path.rsplit("/admin/", 1)[1]
+        try:
+            if action == "info":
+                return JSONResponse(await self.info())
+            if action == "stats":
+                q = request.query_params
+                return JSONResponse(await self.stats(q["version"], float(q.get("since", 0))))
+            if action == "weights" and request.method == "POST":
+                body = await request.json()
+                return JSONResponse({"since": await self.set_weights(body["routes"], body.get("rollout_id"))})
+        except (KeyError, ValueError, TypeError) as exc:
+            return JSONResponse(error_body(f"bad admin request: {exc}", "invalid_request_error", 400), 400)
+        return JSONResponse(error_body(f"no admin route {action}", "not_found", 404), 404)
+
     async def __call__(self, request: Request) -> JSONResponse:
         path = request.url.path.rstrip("/")
+        if "/admin/" in path:
+            return await self._admin(request, path)
         if path.endswith("/health") or path == "":
             ok = any(r["weight"] > 0 for r in self.routes.values())
             return JSONResponse({"status": "ok" if ok else "no-routes", "service": self.service}, 200 if ok else 503)

@@ -11,11 +11,11 @@ import time
 
 import httpx
 import pytest
-from serving_factory import make_run
 
 from controlplane.context import Context
 from controlplane.rollout.export import export_checkpoint
 from controlplane.rundir import RunDir
+from tests.serving_factory import make_run
 
 pytestmark = pytest.mark.integration
 TOKEN = "test-token-4f1c"

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serving_factory import make_run
 from typer.testing import CliRunner
 
 from controlplane.cli.main import app
@@ -15,6 +14,7 @@ from controlplane.context import Context
 from controlplane.errors import NotFoundError
 from controlplane.rollout.export import export_checkpoint, resolve_model
 from controlplane.rundir import RunDir
+from tests.serving_factory import make_run
 
 
 def test_export_newest_verified_loads_with_transformers():

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from k8s_fake import FakeCluster
-from serving_factory import make_run
 from typer.testing import CliRunner
 
 from controlplane.cli.main import app
@@ -14,6 +12,8 @@ from controlplane.rollout import store
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.k8s_backend import KubernetesBackend
 from controlplane.spec import RolloutSpec
+from tests.k8s_fake import FakeCluster
+from tests.serving_factory import make_run
 
 runner = CliRunner()
 

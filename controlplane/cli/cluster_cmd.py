@@ -1,0 +1,69 @@
+"""`llmctl cluster`: start, stop and inspect the local Ray cluster."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from controlplane.cli.common import ClusterOpt, JsonOpt, emit_json, err, out
+from controlplane.context import Context
+
+app = typer.Typer(help="Start, stop and inspect the Ray cluster.", no_args_is_help=True)
+
+
+@app.command()
+def up(
+    cluster: ClusterOpt = None,
+    num_cpus: Annotated[int | None, typer.Option("--num-cpus", min=1, help="CPUs of the head node.")] = None,
+    worker_nodes: Annotated[
+        int | None, typer.Option("--worker-nodes", min=0, max=8, help="Extra raylet nodes on this machine.")
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Start a local Ray head (dashboard and Jobs API on 127.0.0.1, token auth on). Idempotent."""
+    from controlplane import ray_cluster
+
+    ctx = Context.load(cluster)
+    state = ray_cluster.up(ctx.cluster, num_cpus=num_cpus, worker_nodes=worker_nodes)
+    if json_:
+        emit_json({"dashboard": state.dashboard_url, "gcs_address": state.gcs_address, "nodes": len(state.nodes)})
+        return
+    out.print(f"Ray cluster up: dashboard {state.dashboard_url}, {len(state.nodes)} node(s), token auth on")
+
+
+@app.command()
+def down(cluster: ClusterOpt = None) -> None:
+    """Stop what `cluster up` started, and only that. Idempotent."""
+    from controlplane import ray_cluster
+
+    ctx = Context.load(cluster)
+    if ray_cluster.down(ctx.cluster):
+        out.print("Ray cluster stopped")
+    else:
+        err.print("no local Ray cluster was running")
+
+
+@app.command()
+def status(cluster: ClusterOpt = None, json_: JsonOpt = False) -> None:
+    """Nodes and resources of the cluster, or that it is down."""
+    from controlplane import ray_cluster
+
+    ctx = Context.load(cluster)
+    info = ray_cluster.status(ctx.cluster)
+    if json_:
+        emit_json(info)
+        return
+    if not info["up"]:
+        msg = "down" + (" (stale record of a stopped cluster)" if info.get("stale") else "")
+        out.print(f"cluster {info['cluster']}: {msg}" + (f"; {info['error']}" if info.get("error") else ""))
+        raise typer.Exit(1)
+    out.print(f"cluster {info['cluster']} ({info['kind']}): up, dashboard {info.get('dashboard', '-')}")
+    table = Table("NODE", "STATE", "HEAD", "CPU", "GPU")
+    for n in info["nodes"]:
+        res = n["resources"]
+        table.add_row(
+            n["node_id"][:12], n["state"], "yes" if n["is_head"] else "", str(res.get("CPU", 0)), str(res.get("GPU", 0))
+        )
+    out.print(table)

@@ -1,0 +1,102 @@
+"""`llmctl supervise` (the reconcile loop) and `llmctl run goodput` (where a run's time went).
+
+Nothing heavy at module level: `run goodput` reads the ledger and events.jsonl only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from controlplane.cli.common import ClusterOpt, JsonOpt, emit_json, err, human_duration, out
+from controlplane.context import Context
+from controlplane.errors import UserError
+
+
+def supervise(
+    cluster: ClusterOpt = None,
+    once: Annotated[bool, typer.Option("--once", help="One pass over every live run, then exit.")] = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.1, max=3600, help="Seconds between passes.")] = 2.0,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", min=0, max=65535, help="Serve supervisor metrics on 127.0.0.1:PORT.")
+    ] = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Run in the background; log to <storage>/logs/.")] = False,
+) -> None:
+    """Keep every live run going: restart failures, detect hangs, roll back NaNs, exclude bad nodes."""
+    from controlplane.supervisor.loop import Supervisor, SupervisorLock
+
+    ctx = Context.load(cluster)
+    if detach:
+        lock = SupervisorLock(ctx.storage)
+        lock.acquire()  # fail here, in the foreground, if one is already running
+        lock.release()
+        log_file = ctx.storage / "logs" / "supervisor.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-m", "controlplane", "supervise", "--interval", str(interval)]
+        if cluster:
+            args += ["--cluster", cluster]
+        if metrics_port is not None:
+            args += ["--metrics-port", str(metrics_port)]
+        with open(log_file, "ab") as f:
+            proc = subprocess.Popen(
+                args, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        out.print(f"supervisor started (pid {proc.pid}); log {log_file}")
+        return
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    sup = Supervisor(ctx, exclusive=True)
+    server = None
+    if metrics_port is not None:
+        from controlplane.supervisor.metrics import serve
+
+        server = serve(ctx, metrics_port)
+        err.print(f"metrics on http://127.0.0.1:{server.server_port}/metrics", markup=False)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    err.print(f"supervising {ctx.storage} (pid {os.getpid()})", markup=False)
+    try:
+        while True:
+            for run_id, actions in sup.tick().items():
+                for a in actions:
+                    err.print(f"{run_id}: {a}", markup=False, highlight=False)
+            if once or stop.wait(interval):
+                break
+    finally:
+        if server is not None:
+            server.shutdown()
+        sup.close()
+
+
+def run_goodput(
+    run_id: Annotated[str, typer.Argument(help="Run id (or a unique prefix of one).")],
+    cluster: ClusterOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Goodput of a run: productive training time over wall time, and the rest by cause."""
+    from controlplane.supervisor.metrics import run_goodput as compute_run
+
+    ctx = Context.load(cluster)
+    run = ctx.ledger.find_run(run_id)
+    g = compute_run(ctx, run)
+    if json_:
+        emit_json({"run_id": run["run_id"], "state": run["state"], **g.as_dict()})
+        return
+    if g.wall_s <= 0:
+        raise UserError(f"run {run['run_id']}: no time recorded yet")
+    out.print(f"[bold]{run['run_id']}[/bold]  {run['state']}  goodput {g.ratio:.1%} of {human_duration(g.wall_s)}")
+    table = Table("WHERE THE TIME WENT", "SECONDS", "SHARE")
+    for k, v in sorted(g.seconds.items(), key=lambda kv: -kv[1]):
+        table.add_row(k.replace("_", " "), f"{v:.1f}", f"{v / g.wall_s:.1%}")
+    out.print(table)
+    if g.restarts_by_cause:
+        out.print("restarts: " + ", ".join(f"{c} x{n}" for c, n in sorted(g.restarts_by_cause.items())))
+    out.print(f"final step {g.final_step}; steps thrown away {g.lost_steps}")

@@ -1,0 +1,461 @@
+"""Start, stop and reach a Ray cluster; submit job attempts through the Ray Jobs API.
+
+Local kind: `up` starts a Ray head (and optional extra raylet nodes) on this machine with the
+dashboard and Jobs API bound to 127.0.0.1 and Ray's token authentication ON: a random token is
+written to `<storage>/cluster/auth_token` (mode 0600) and every client presents it. What `up`
+started is recorded in `<storage>/cluster/local.json` (process-group ids, ports, temp dir), so
+`down` stops only that, and a stale file (its processes gone) never breaks the next `up`.
+
+Kinds `ray` and `kubernetes`: the cluster exists already; `address` in the spec names its
+dashboard, and the token comes from `$RAY_AUTH_TOKEN` or the file in `$RAY_AUTH_TOKEN_PATH`.
+
+Ray is imported lazily (inside functions): importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from controlplane.errors import LlmctlError, RetryableError, UserError
+from controlplane.rundir import RunDir, write_atomic
+from controlplane.spec import ClusterSpec
+
+START_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 20.0
+
+
+class ClusterNotRunning(UserError):
+    """No reachable cluster (the local one is not up)."""
+
+
+@dataclass
+class NodeProc:
+    pid: int
+    role: str  # "head" | "worker"
+    log: str
+    ports: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class LocalClusterState:
+    gcs_address: str
+    dashboard_url: str
+    temp_dir: str
+    token_file: str
+    started_at: float
+    num_cpus: int
+    nodes: list[NodeProc]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LocalClusterState:
+        nodes = [NodeProc(**{k: v for k, v in n.items() if k in NodeProc.__dataclass_fields__}) for n in data["nodes"]]
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "nodes"}
+        return cls(nodes=nodes, **known)
+
+
+def _cluster_dir(cluster: ClusterSpec) -> Path:
+    return cluster.storage_root() / "cluster"
+
+
+def _state_file(cluster: ClusterSpec) -> Path:
+    return _cluster_dir(cluster) / "local.json"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _ray_bin() -> str:
+    candidate = Path(sys.executable).with_name("ray")
+    return str(candidate) if candidate.exists() else "ray"
+
+
+def ensure_token(cluster: ClusterSpec) -> Path:
+    path = _cluster_dir(cluster) / "auth_token"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
+
+
+def ray_env(token_file: Path) -> dict[str, str]:
+    """Environment for Ray processes and clients of this cluster: token auth on."""
+    env = dict(os.environ)
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_USAGE_STATS_ENABLED": "0"})
+    return env
+
+
+def read_state(cluster: ClusterSpec) -> LocalClusterState | None:
+    path = _state_file(cluster)
+    try:
+        return LocalClusterState.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None  # unreadable record: treated as stale
+
+
+def _dashboard_ok(url: str, token: str, timeout: float = 2.0) -> bool:
+    try:
+        r = httpx.get(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+        return r.status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _kill_group(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM the process group led by `pid`, then SIGKILL what is left after `timeout`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            if not _alive(pid) and not _group_alive(pid):
+                return
+            time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().split(") ", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    return True
+            except (OSError, IndexError, ValueError):
+                continue
+    return False
+
+
+def _start_node(cmd: list[str], env: dict[str, str], log: Path) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
+    return proc.pid
+
+
+def up(cluster: ClusterSpec, num_cpus: int | None = None, worker_nodes: int | None = None) -> LocalClusterState:
+    """Start the local cluster, or return the one already running. Idempotent."""
+    if cluster.kind != "local":
+        raise UserError(f"cluster {cluster.name}: kind {cluster.kind!r} is not started by llmctl (it exists already)")
+    existing = read_state(cluster)
+    if existing is not None:
+        token = Path(existing.token_file).read_text().strip() if Path(existing.token_file).exists() else ""
+        if _alive(existing.nodes[0].pid) and _dashboard_ok(existing.dashboard_url, token):
+            return existing
+        down(cluster)  # stale: whatever is left of it goes, then start afresh
+    token_file = ensure_token(cluster)
+    env = ray_env(token_file)
+    num_cpus = num_cpus or os.cpu_count() or 2
+    worker_nodes = cluster.ray.worker_nodes if worker_nodes is None else worker_nodes
+    temp_dir = tempfile.mkdtemp(prefix="llmctl-ray-")
+    host = cluster.ray.dashboard_host
+    gcs_port, dash_port = free_port(), cluster.ray.dashboard_port or free_port()
+    common = ["--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir]
+    nodes: list[NodeProc] = []
+    log_dir = _cluster_dir(cluster) / "logs"
+    ports = {
+        "gcs": gcs_port,
+        "dashboard": dash_port,
+        "client": free_port(),
+        "agent": free_port(),
+        "metrics": free_port(),
+    }
+    head_cmd = [
+        _ray_bin(), "start", "--head", *common,
+        "--port", str(gcs_port), "--num-cpus", str(num_cpus),
+        "--include-dashboard", "true", "--dashboard-host", host, "--dashboard-port", str(dash_port),
+        "--ray-client-server-port", str(ports["client"]),
+        "--dashboard-agent-listen-port", str(ports["agent"]), "--metrics-export-port", str(ports["metrics"]),
+    ]  # fmt: skip
+    nodes.append(NodeProc(_start_node(head_cmd, env, log_dir / "head.log"), "head", str(log_dir / "head.log"), ports))
+    state = LocalClusterState(
+        gcs_address=f"127.0.0.1:{gcs_port}",
+        dashboard_url=f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{dash_port}",
+        temp_dir=temp_dir,
+        token_file=str(token_file),
+        started_at=time.time(),
+        num_cpus=num_cpus,
+        nodes=nodes,
+    )
+    _save_state(cluster, state)  # recorded at once: a failure below still lets `down` clean up
+    token = token_file.read_text().strip()
+    _wait(lambda: _dashboard_ok(state.dashboard_url, token), f"Ray head (log: {nodes[0].log})", nodes[0].pid)
+    for i in range(worker_nodes):
+        add_worker_node(cluster, num_cpus=max(1, num_cpus // max(1, worker_nodes)), index=i + 1)
+    return read_state(cluster) or state
+
+
+def add_worker_node(cluster: ClusterSpec, num_cpus: int = 1, index: int | None = None) -> NodeProc:
+    """Start one more raylet joined to the local head (a second 'node' on this machine)."""
+    state = read_state(cluster)
+    if state is None:
+        raise ClusterNotRunning("the local cluster is not up: run `llmctl cluster up`")
+    index = index or len(state.nodes)
+    log = Path(state.nodes[0].log).with_name(f"worker-{index}.log")
+    ports = {"agent": free_port(), "metrics": free_port()}
+    cmd = [
+        _ray_bin(), "start", "--address", state.gcs_address, "--block", "--disable-usage-stats",
+        "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
+        "--dashboard-agent-listen-port", str(ports["agent"]), "--metrics-export-port", str(ports["metrics"]),
+        "--resources", json.dumps({f"llmctl_node_{index}": 1}),
+    ]  # fmt: skip
+    node = NodeProc(_start_node(cmd, ray_env(Path(state.token_file)), log), "worker", str(log), ports)
+    state.nodes.append(node)
+    _save_state(cluster, state)
+    before = len(state.nodes) - 1
+    _wait(lambda: _alive_node_count(cluster) > before, f"Ray worker node (log: {log})", node.pid)
+    return node
+
+
+def _alive_node_count(cluster: ClusterSpec) -> int:
+    try:
+        return sum(
+            1
+            for n in _dashboard_get(cluster, "/nodes?view=summary")["data"]["summary"]
+            if n["raylet"]["state"] == "ALIVE"
+        )
+    except (LlmctlError, KeyError, TypeError, httpx.HTTPError):
+        return 0
+
+
+def _wait(check: Any, what: str, pid: int, timeout: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if not _alive(pid):
+            raise RetryableError(f"{what} exited during start")
+        time.sleep(0.5)
+    raise RetryableError(f"{what} did not come up within {timeout:.0f}s")
+
+
+def _save_state(cluster: ClusterSpec, state: LocalClusterState) -> None:
+    write_atomic(_state_file(cluster), json.dumps(asdict(state), indent=2).encode())
+
+
+def down(cluster: ClusterSpec) -> bool:
+    """Stop what `up` started (workers first). True if anything was running. Idempotent."""
+    state = read_state(cluster)
+    path = _state_file(cluster)
+    if state is None:
+        path.unlink(missing_ok=True)
+        return False
+    was_running = any(_alive(n.pid) for n in state.nodes)
+    for node in reversed(state.nodes):
+        _kill_group(node.pid)
+    path.unlink(missing_ok=True)
+    if state.temp_dir and Path(state.temp_dir).name.startswith("llmctl-ray-"):
+        import shutil
+
+        shutil.rmtree(state.temp_dir, ignore_errors=True)
+    return was_running
+
+
+def kill_node(cluster: ClusterSpec, index: int) -> int:
+    """SIGKILL a local raylet node's whole process group (a node failure). Returns its pid."""
+    state = read_state(cluster)
+    if state is None or index >= len(state.nodes):
+        raise UserError(f"no local node #{index}")
+    pid = state.nodes[index].pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    return pid
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def _token_and_url(cluster: ClusterSpec) -> tuple[str, str]:
+    if cluster.kind == "local":
+        state = read_state(cluster)
+        if state is None or not _alive(state.nodes[0].pid):
+            raise ClusterNotRunning("the local Ray cluster is not up: run `llmctl cluster up`")
+        return state.dashboard_url, Path(state.token_file).read_text().strip()
+    if not cluster.address:
+        raise UserError(f"cluster {cluster.name}: no address")
+    token = os.environ.get("RAY_AUTH_TOKEN", "")
+    if not token and os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    if not token:
+        raise UserError(f"cluster {cluster.name}: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token")
+    url = cluster.address if "://" in cluster.address else f"http://{cluster.address}"
+    return url, token
+
+
+def _dashboard_get(cluster: ClusterSpec, path: str) -> Any:
+    url, token = _token_and_url(cluster)
+    r = httpx.get(f"{url}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=5.0)
+    r.raise_for_status()
+    return r.json()
+
+
+def status(cluster: ClusterSpec) -> dict[str, Any]:
+    """What is running: nodes, resources, dashboard. Never raises for a stopped cluster."""
+    out: dict[str, Any] = {"cluster": cluster.name, "kind": cluster.kind, "up": False}
+    if cluster.kind == "local":
+        state = read_state(cluster)
+        if state is None:
+            return out
+        out.update(
+            dashboard=state.dashboard_url,
+            gcs_address=state.gcs_address,
+            started_at=state.started_at,
+            processes=[{"pid": n.pid, "role": n.role, "alive": _alive(n.pid)} for n in state.nodes],
+        )
+        if not _alive(state.nodes[0].pid):
+            out["stale"] = True
+            return out
+    try:
+        nodes = _dashboard_get(cluster, "/nodes?view=summary")["data"]["summary"]
+    except (LlmctlError, httpx.HTTPError, KeyError, TypeError) as exc:
+        out["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return out
+    out["up"] = True
+    out["nodes"] = [
+        {
+            "node_id": n["raylet"]["nodeId"],
+            "state": n["raylet"]["state"],
+            "ip": n.get("ip"),
+            "is_head": n["raylet"].get("isHeadNode", False),
+            "resources": n["raylet"].get("resourcesTotal", {}),
+        }
+        for n in nodes
+    ]
+    return out
+
+
+def job_client(cluster: ClusterSpec) -> Any:
+    """A JobSubmissionClient that presents the cluster's token."""
+    url, token = _token_and_url(cluster)
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"})
+
+
+def _package_dirs() -> list[Path]:
+    import controlplane
+
+    root = Path(controlplane.__file__).resolve().parent.parent
+    return [root / "controlplane", root / "jobs"]
+
+
+def runtime_env(cluster: ClusterSpec, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+    """Local: the job imports this checkout directly. Remote: the packages travel as py_modules."""
+    dirs = _package_dirs()
+    env = {"PYTHONUNBUFFERED": "1", **(env_vars or {})}
+    if cluster.kind == "local":
+        env["PYTHONPATH"] = os.pathsep.join([str(dirs[0].parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        return {"env_vars": env}
+    return {"py_modules": [str(d) for d in dirs], "env_vars": env}
+
+
+def python_for(cluster: ClusterSpec) -> str:
+    """The interpreter a job entrypoint runs with: this one locally, the image's elsewhere."""
+    return sys.executable if cluster.kind == "local" else "python"
+
+
+def submission_id(run_id: str, attempt: int) -> str:
+    return f"{run_id}-a{attempt}"
+
+
+def submit_attempt(
+    cluster: ClusterSpec,
+    run_dir: RunDir,
+    attempt: int,
+    *,
+    max_resume_step: int | None = None,
+    skip_steps: list[tuple[int, int]] | None = None,
+    env_vars: dict[str, str] | None = None,
+    client: Any = None,
+) -> str:
+    """Submit one attempt of a run as a Ray job. Idempotent: an existing submission is adopted."""
+    client = client or job_client(cluster)
+    sid = submission_id(run_dir.run_id, attempt)
+    args = [
+        python_for(cluster),
+        "-m",
+        "jobs.pretrain",
+        "--run-dir",
+        str(run_dir.path.resolve()),
+        "--attempt",
+        str(attempt),
+    ]
+    if max_resume_step is not None:
+        args += ["--max-resume-step", str(max_resume_step)]
+    for a, b in skip_steps or []:
+        args += ["--skip-steps", f"{a}:{b}"]
+    try:
+        client.submit_job(
+            entrypoint=" ".join(args),
+            submission_id=sid,
+            runtime_env=runtime_env(cluster, env_vars),
+            entrypoint_num_cpus=0,
+            metadata={"llmctl_run_id": run_dir.run_id, "llmctl_attempt": str(attempt)},
+        )
+    except RuntimeError as exc:
+        if "already exists" not in str(exc):
+            raise RetryableError(f"submitting {sid}: {str(exc).splitlines()[0]}") from exc
+    return sid
+
+
+def job_status(cluster: ClusterSpec, sid: str, client: Any = None) -> str:
+    """Ray job status name (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) or MISSING."""
+    client = client or job_client(cluster)
+    try:
+        return str(client.get_job_status(sid).value)
+    except RuntimeError as exc:
+        if "does not exist" in str(exc) or "not found" in str(exc).lower():
+            return "MISSING"
+        raise RetryableError(f"job status of {sid}: {str(exc).splitlines()[0]}") from exc
+
+
+def stop_job(cluster: ClusterSpec, sid: str, client: Any = None) -> bool:
+    client = client or job_client(cluster)
+    try:
+        return bool(client.stop_job(sid))
+    except RuntimeError:
+        return False
+
+
+def job_logs(cluster: ClusterSpec, sid: str, client: Any = None) -> str:
+    client = client or job_client(cluster)
+    return client.get_job_logs(sid)

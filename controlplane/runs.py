@@ -1,0 +1,137 @@
+"""Creating runs and launching their attempts: the thin layer between the CLI and Ray.
+
+`create_run` freezes the spec into the run directory and records the run (state `pending`).
+`launch_attempt` records attempt N, moves the fence to N *before* submitting (so an older
+attempt that is still alive stops writing), and submits `<run_id>-a<N>` through the Jobs API.
+`summarize` condenses a run's events for `run status`, `--watch` and the quickstart summary
+(pure; no Ray, no torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from controlplane.context import Context
+from controlplane.data import read_meta
+from controlplane.errors import CorruptFileError, UserError
+from controlplane.rundir import RunDir
+from controlplane.spec import RunSpec, dump_spec, read_record
+from controlplane.states import AttemptState, RunState
+
+
+def new_run_id(name: str) -> str:
+    return f"{name}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def create_run(ctx: Context, spec: RunSpec, run_id: str | None = None) -> RunDir:
+    dataset_dir = ctx.dataset_dir(spec.data.path)
+    try:
+        read_meta(dataset_dir)
+    except CorruptFileError as exc:
+        raise UserError(f"data.path: {exc}") from None
+    run_id = run_id or new_run_id(spec.name)
+    run_dir = ctx.run_dir(run_id).create()
+    run_dir.write_spec(
+        {
+            "run_id": run_id,
+            "run": dump_spec(spec),
+            "cluster": dump_spec(ctx.cluster),
+            "dataset_dir": str(dataset_dir.resolve()),
+        }
+    )
+    ctx.ledger.create_run(run_id, spec.name, dump_spec(spec), dump_spec(ctx.cluster), str(run_dir.path))
+    return run_dir
+
+
+def load_run_spec(run: dict[str, Any]) -> RunSpec:
+    return read_record(RunSpec, run["spec"])
+
+
+def launch_attempt(
+    ctx: Context,
+    run_id: str,
+    cause: str,
+    *,
+    max_resume_step: int | None = None,
+    skip_steps: list[tuple[int, int]] | None = None,
+    client: Any = None,
+) -> int:
+    """Record, fence and submit the next attempt. Returns its number."""
+    from controlplane import ray_cluster
+
+    run = ctx.ledger.get_run(run_id)
+    run_dir = RunDir(Path(run["run_dir"]))
+    attempt = ctx.ledger.next_attempt(
+        run_id, max_resume_step, {"skip_steps": skip_steps or [], "cause": cause, "max_resume_step": max_resume_step}
+    )
+    run_dir.set_fence(attempt)
+    ctx.ledger.transition(run_id, RunState.PROVISIONING, cause, attempt)
+    sid = ray_cluster.submit_attempt(
+        ctx.cluster, run_dir, attempt, max_resume_step=max_resume_step, skip_steps=skip_steps, client=client
+    )
+    ctx.ledger.update_attempt(run_id, attempt, job_id=sid)
+    return attempt
+
+
+def stop_run(ctx: Context, run_id: str, cause: str = "stopped by user") -> bool:
+    """Stop the live attempt's Ray job and mark the run stopped. Idempotent."""
+    run = ctx.ledger.get_run(run_id)
+    if RunState(run["state"]).is_terminal:
+        return False
+    current = ctx.ledger.current_attempt(run_id)
+    if current and current.get("job_id") and not AttemptState(current["state"]).is_terminal:
+        from controlplane import ray_cluster
+
+        with contextlib.suppress(ray_cluster.ClusterNotRunning):  # nothing left to stop
+            ray_cluster.stop_job(ctx.cluster, current["job_id"])
+        ctx.ledger.update_attempt(run_id, current["attempt"], state=AttemptState.STOPPED, cause=cause)
+    return ctx.ledger.transition(run_id, RunState.STOPPED, cause, current["attempt"] if current else None)
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def summarize(events: list[dict[str, Any]], total_steps: int | None = None) -> dict[str, Any]:
+    """Condense a run's events: progress, speed, checkpoints, failures, stragglers."""
+    steps = [e for e in events if e.get("type") == "step"]
+    ckpts = [e for e in events if e.get("type") == "checkpoint"]
+    out: dict[str, Any] = {
+        "step": 0,
+        "loss": None,
+        "first_loss": None,
+        "tokens": 0,
+        "tokens_per_s": None,
+        "checkpoints": len(ckpts),
+        "last_checkpoint_step": ckpts[-1].get("step") if ckpts else None,
+        "failures": [e for e in events if e.get("type") == "failure"],
+        "replacements": [e for e in events if e.get("type") == "worker_replaced"],
+        "stragglers": [e for e in events if e.get("type") == "straggler"],
+        "attempts": sorted({e.get("attempt") for e in events if e.get("attempt") is not None}),
+        "end": next((e for e in reversed(events) if e.get("type") == "end"), None),
+        "eta_s": None,
+    }
+    if steps:
+        last = steps[-1]
+        out.update(step=last.get("step", 0), loss=last.get("loss"), tokens=last.get("tokens", 0))
+        out["first_loss"] = steps[0].get("loss")
+        recent = [s.get("tokens_per_s") for s in steps[-20:] if s.get("tokens_per_s")]
+        out["tokens_per_s"] = statistics.median(recent) if recent else None
+        times = [s.get("step_time_s") for s in steps[-20:] if s.get("step_time_s")]
+        if total_steps and times:
+            out["eta_s"] = max(0, total_steps - out["step"]) * statistics.median(times)
+        rank_times = last.get("rank_step_times") or []
+        if rank_times:
+            med = statistics.median(rank_times)
+            out["rank_step_times"] = rank_times
+            out["slowest_rank"] = {
+                "rank": rank_times.index(max(rank_times)),
+                "ratio": max(rank_times) / med if med else None,
+            }
+    if total_steps:
+        out["total_steps"] = total_steps
+    return out

@@ -1,0 +1,551 @@
+"""The reconcile loop: observe every live run, `decide`, act, record. All the supervisor's I/O.
+
+    sup = Supervisor(ctx)            # ctx: controlplane.context.Context
+    sup.reconcile_run(run_id)        # one pass over one run (what `run submit --watch` calls)
+    sup.tick()                       # one pass over every live run in the ledger
+    sup.run_forever(interval_s=2.0)  # `llmctl supervise`
+
+One pass over a run:
+1. read new lines of events.jsonl from the persisted byte offset into the run's `RunTrack`;
+   commit the checkpoints/incidents they imply together with the new offset (one transaction);
+2. finish an interrupted submission: an attempt row without a job id is adopted if the Jobs
+   API knows `<run_id>-a<N>`, else submitted now under that id (never a second attempt);
+3. ask the Jobs API for the current attempt's status; verify checkpoints on disk (cached);
+   read node health telemetry; build `Observed`; call `policy.decide`;
+4. commit incidents, the transition, the attempt's cause, the pending restart and one
+   `supervisor_decisions` row per action (one transaction); then stop jobs, submit
+   (ledger.next_attempt, RunDir.set_fence, then the Jobs API), write the checkpoint interval.
+
+Crash safety: see README.md in this package. One supervisor per storage root: a
+`SupervisorLock` (fcntl.flock on `<storage>/supervisor.pid`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+from controlplane import checkpoint as ckpt
+from controlplane.context import Context
+from controlplane.errors import LlmctlError, UserError
+from controlplane.rundir import RunDir, write_atomic
+from controlplane.spec import RunSpec, read_record
+from controlplane.states import AttemptState, RunState
+from controlplane.supervisor import policy as P
+from controlplane.supervisor import store
+from controlplane.supervisor.nodes import read_health
+from controlplane.supervisor.track import NODE_FAULTS, RunTrack
+
+log = logging.getLogger("llmctl.supervisor")
+
+INTERVAL_FILE = "checkpoint_interval"
+EXCLUDE_ENV = "LLMCTL_EXCLUDE_NODES"
+# failures the job could not report itself: the supervisor counts them for the MTBF
+UNREPORTED = frozenset({"crash", "job_lost", "job_stopped", "early_exit", "node_unhealthy"})
+_ATTEMPT_STATE = {
+    P.JobStatus.SUCCEEDED: AttemptState.SUCCEEDED,
+    P.JobStatus.FAILED: AttemptState.FAILED,
+    P.JobStatus.STOPPED: AttemptState.STOPPED,
+}
+
+
+def submission_id(run_id: str, attempt: int) -> str:
+    return f"{run_id}-a{attempt}"
+
+
+# --------------------------------------------------------------------------- the Jobs API port
+
+
+class JobsPort(Protocol):
+    """What the loop needs from a job scheduler. Every method is idempotent."""
+
+    def status(self, sid: str) -> P.JobStatus: ...
+
+    def submit(
+        self,
+        run_dir: RunDir,
+        attempt: int,
+        *,
+        max_resume_step: int | None,
+        skip_steps: list[tuple[int, int]],
+        env_vars: dict[str, str],
+    ) -> str: ...
+
+    def stop(self, sid: str) -> None: ...
+
+
+class RayJobs:
+    """The Ray Jobs API of the context's cluster (token auth), through controlplane.ray_cluster."""
+
+    def __init__(self, ctx: Context):
+        self.cluster = ctx.cluster
+        self._client: Any = None
+
+    def _c(self) -> Any:
+        from controlplane import ray_cluster
+
+        if self._client is None:
+            self._client = ray_cluster.job_client(self.cluster)
+        return self._client
+
+    def _call(self, fn: Callable[[Any], Any]) -> Any:
+        try:
+            return fn(self._c())
+        except Exception:
+            self._client = None  # reconnect next time (the head may have moved or restarted)
+            raise
+
+    def status(self, sid: str) -> P.JobStatus:
+        from controlplane import ray_cluster
+
+        return P.JobStatus(self._call(lambda c: ray_cluster.job_status(self.cluster, sid, client=c)))
+
+    def submit(self, run_dir, attempt, *, max_resume_step, skip_steps, env_vars) -> str:
+        from controlplane import ray_cluster
+
+        return self._call(
+            lambda c: ray_cluster.submit_attempt(
+                self.cluster,
+                run_dir,
+                attempt,
+                max_resume_step=max_resume_step,
+                skip_steps=skip_steps,
+                env_vars=env_vars,
+                client=c,
+            )
+        )
+
+    def stop(self, sid: str) -> None:
+        from controlplane import ray_cluster
+
+        self._call(lambda c: ray_cluster.stop_job(self.cluster, sid, client=c))
+
+
+# --------------------------------------------------------------------------- one supervisor per storage root
+
+
+class SupervisorBusy(UserError):
+    """Another supervisor holds the lock on this storage root."""
+
+
+class SupervisorLock:
+    """fcntl.flock on `<storage>/supervisor.pid` (released by the kernel when the process dies)."""
+
+    def __init__(self, storage_root: Path):
+        self.path = Path(storage_root) / "supervisor.pid"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SupervisorBusy(
+                f"another supervisor (pid {self.holder() or '?'}) is running on {self.path.parent}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def holder(self) -> int | None:
+        with contextlib.suppress(OSError, ValueError):
+            return int(self.path.read_text().strip())
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class Supervisor:
+    def __init__(
+        self,
+        ctx: Context,
+        jobs: JobsPort | None = None,
+        *,
+        config: P.PolicyConfig = P.PolicyConfig(),
+        clock: Callable[[], float] = time.time,
+        exclusive: bool = False,
+    ):
+        """`exclusive`: take the storage root's lock now (raise SupervisorBusy if held); otherwise
+        it is taken on the first reconcile, and a pass is skipped while another process holds it."""
+        self.ctx = ctx
+        self.jobs: JobsPort = jobs if jobs is not None else RayJobs(ctx)
+        self.config = config
+        self.clock = clock
+        self.lock = SupervisorLock(ctx.storage)
+        self._verified: dict[tuple[str, int], tuple[Any, bool]] = {}
+        if exclusive:
+            self.lock.acquire()
+
+    def close(self) -> None:
+        self.lock.release()
+
+    # ------------------------------------------------------------------ passes
+
+    def tick(self) -> dict[str, list[P.Action]]:
+        """One pass over every live run. A run whose pass fails is logged and retried next tick."""
+        out: dict[str, list[P.Action]] = {}
+        for run in self.ctx.ledger.live_runs():
+            try:
+                out[run["run_id"]] = self.reconcile_run(run["run_id"])
+            except Exception as exc:  # a supervisor outlives transient errors; the pass is retried next tick
+                log.warning("run %s: %s: %s (will retry)", run["run_id"], type(exc).__name__, str(exc).split("\n")[0])
+        return out
+
+    def run_forever(self, interval_s: float = 2.0, stop: threading.Event | None = None) -> None:
+        self.lock.acquire()
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            started = time.monotonic()
+            self.tick()
+            stop.wait(max(0.05, interval_s - (time.monotonic() - started)))
+
+    def reconcile_run(self, run_id: str) -> list[P.Action]:
+        if not self.lock.held:
+            try:
+                self.lock.acquire()
+            except SupervisorBusy:
+                return []  # the supervisor daemon owns the runs; a watcher only watches
+        ledger = self.ctx.ledger
+        run = ledger.get_run(run_id)
+        state = RunState(run["state"])
+        rd = RunDir(Path(run["run_dir"]))
+        spec = read_record(RunSpec, run["spec"])
+        track = store.load_track(ledger, run_id)
+
+        # 1. events since the persisted offset
+        records: list[tuple[str, dict[str, Any]]] = []
+        start_offset = track.offset
+        for pos, ev in rd.iter_events(track.offset):
+            records += track.ingest(ev)
+            track.offset = pos
+        cur = ledger.current_attempt(run_id)
+        if track.pending and cur and cur["attempt"] > int(track.pending.get("after_attempt", 0)):
+            track.pending = None  # that restart was carried out before a crash
+        if track.offset != start_offset or records:
+            store.commit_ingest(ledger, run_id, track, records, self.clock())
+        if state.is_terminal:
+            if cur and cur.get("job_id") and not AttemptState(cur["state"]).is_terminal:
+                self._stop(cur["job_id"])
+                store.set_attempt_state(ledger, run_id, cur["attempt"], AttemptState.STOPPED, f"run {state}")
+            return []
+
+        # 2. an interrupted submission: adopt or submit under the same id
+        if cur is not None and not cur.get("job_id") and not AttemptState(cur["state"]).is_terminal:
+            self._finish_submission(run_id, rd, cur)
+            cur = ledger.current_attempt(run_id)
+
+        # 3. observe and decide
+        status = self.jobs.status(cur["job_id"]) if cur and cur.get("job_id") else P.JobStatus.MISSING
+        if cur is not None:
+            if status is P.JobStatus.RUNNING and cur["state"] == AttemptState.SUBMITTED:
+                store.set_attempt_state(ledger, run_id, cur["attempt"], AttemptState.RUNNING)
+            elif status in _ATTEMPT_STATE:
+                store.set_attempt_state(ledger, run_id, cur["attempt"], _ATTEMPT_STATE[status])
+        now = self.clock()
+        observed = self.observe(run, spec, rd, track, cur, status, now)
+        actions = P.decide(observed, spec.fault_tolerance, now, checkpoint=spec.checkpoint, config=self.config)
+        if actions:
+            self._act(run_id, spec, rd, track, observed, actions, now)
+        return actions
+
+    # ------------------------------------------------------------------ observe
+
+    def observe(
+        self,
+        run: dict[str, Any],
+        spec: RunSpec,
+        rd: RunDir,
+        track: RunTrack,
+        cur: dict[str, Any] | None,
+        status: P.JobStatus,
+        now: float,
+    ) -> P.Observed:
+        n = cur["attempt"] if cur else 0
+        a = track.attempts.get(str(n), {})
+        verified = self._verified_steps(rd)
+        poisoned = set(track.poisoned)
+        heartbeats = tuple(
+            P.Heartbeat(int(rank), float(v[0]), v[1], v[2])
+            for rank, v in sorted(track.heartbeats.items())
+            if v[3] == n and str(rank).lstrip("-").isdigit()
+        )
+        failures = tuple(
+            P.Failure(
+                f["kind"], f["at"], f["attempt"], f.get("step"), f.get("rank"), f.get("node"), f.get("detail", "")
+            )
+            for f in track.failures_of(n)
+        )
+        records = {r["node"]: r for r in store.node_records(self.ctx.ledger)}
+        excluded = {name for name, r in records.items() if r["excluded"]}
+        health = read_health(self.ctx.storage)
+        names = set(health) | excluded | set(track.node_failures)
+
+        def failures_on(name: str) -> int:  # since an operator last readmitted it
+            since = (records.get(name) or {}).get("readmitted_at") or 0.0
+            return sum(
+                1 for f in track.failures if f.get("node") == name and f["kind"] in NODE_FAULTS and f["at"] > since
+            )
+
+        nodes = tuple(
+            P.NodeStatus(
+                name,
+                healthy=health[name].healthy if name in health else True,
+                excluded=name in excluded,
+                failures=failures_on(name),
+                reasons=health[name].reasons if name in health else (),
+            )
+            for name in sorted(names)
+        )
+        progressed = [track.progressed(i) for i in range(1, n)]
+        pending = None
+        if track.pending:
+            p = track.pending
+            pending = P.PendingRestart(
+                p["cause"],
+                p["decided_at"],
+                p["not_before"],
+                p.get("max_resume_step"),
+                tuple(tuple(w) for w in p.get("skip_steps", [])),
+            )
+        elapsed = now - (track.first_ts or run["created_at"])
+        prior = spec.checkpoint.mtbf_hours * 3600 if spec.checkpoint.mtbf_hours else None
+        return P.Observed(
+            run_state=RunState(run["state"]),
+            final_step=spec.train.steps,
+            attempt=n,
+            job_status=status,
+            attempt_submitted_at=cur["started_at"] if cur else None,
+            attempt_started_at=a.get("started_at"),
+            attempt_nodes=tuple(a.get("nodes", ())),
+            attempt_progressed=track.progressed(n) if n else False,
+            end_status=a.get("end"),
+            last_step=track.last_step,
+            last_step_at=track.last_step_at,
+            median_step_s=track.median_step_s(),
+            heartbeats=heartbeats,
+            failures=failures,
+            recent_losses=tuple(track.losses) if track.losses_attempt == n else (),
+            restarts=max(0, n - 1),
+            restarts_without_progress=P.restarts_without_progress(progressed),
+            rollbacks=track.rollbacks,
+            verified_steps=tuple(s for s in verified if s not in poisoned),
+            poisoned_steps=tuple(sorted(poisoned)),
+            skip_steps=tuple(tuple(w) for w in track.skip_steps),
+            nodes=nodes,
+            pending=pending,
+            save_cost_s=track.save_cost_s(),
+            mtbf_s=P.mtbf_estimate_s(elapsed, track.failure_count, prior),
+            interval_steps=track.interval_steps,
+        )
+
+    def _verified_steps(self, rd: RunDir) -> list[int]:
+        """Committed checkpoints that verify (sha256), cached by the files' newest mtime."""
+        out = []
+        for step in ckpt.committed_steps(rd.checkpoints):
+            path = rd.checkpoints / ckpt.step_dirname(step)
+            try:
+                key: Any = max((p.stat().st_mtime_ns, p.stat().st_size) for p in path.iterdir())
+            except (OSError, ValueError):
+                continue
+            cached = self._verified.get((str(rd.path), step))
+            if cached is None or cached[0] != key:
+                try:
+                    ckpt.verify(path)
+                    ok = True
+                except (ckpt.CheckpointCorrupt, OSError):
+                    ok = False
+                cached = (key, ok)
+                self._verified[(str(rd.path), step)] = cached
+            if cached[1]:
+                out.append(step)
+        return out
+
+    # ------------------------------------------------------------------ act
+
+    def _act(
+        self,
+        run_id: str,
+        spec: RunSpec,
+        rd: RunDir,
+        track: RunTrack,
+        o: P.Observed,
+        actions: list[P.Action],
+        now: float,
+    ) -> None:
+        ledger = self.ctx.ledger
+        incidents: list[tuple[str, dict[str, Any]]] = []
+        transition: tuple[RunState, str] | None = None
+        attempt_fields: dict[str, Any] = {}
+        decisions = [(type(a).__name__, _cause(a), _detail(a)) for a in actions]
+        submit: P.Submit | None = None
+        stops: list[P.StopJob] = []
+        interval: int | None = None
+        for a in actions:
+            if isinstance(a, P.RecordIncident):
+                incidents.append((a.kind, {"source": "supervisor", **a.detail}))
+                if a.kind != "rollback":
+                    attempt_fields.setdefault("cause", a.kind)
+                if a.kind == "hang":  # detected here, not reported by the job
+                    track.add_failure(
+                        {"kind": "hang", "at": now, "attempt": o.attempt, "node": a.detail.get("node")}, True
+                    )
+                elif a.kind in UNREPORTED:
+                    track.failure_count += 1
+                elif a.kind == "rollback":
+                    track.rollbacks += 1
+                    bad = int(a.detail["bad_step"])
+                    on_disk = ckpt.committed_steps(rd.checkpoints)
+                    track.poisoned = sorted(set(track.poisoned) | {s for s in on_disk if s >= bad})
+            elif isinstance(a, P.MarkRunning):
+                transition = (RunState.RUNNING, a.cause)
+            elif isinstance(a, P.MarkRecovering):
+                transition = (RunState.RECOVERING, a.cause)
+            elif isinstance(a, P.MarkSucceeded):
+                transition = (RunState.SUCCEEDED, a.cause)
+                attempt_fields.update(state=AttemptState.SUCCEEDED, ended_at=now)
+            elif isinstance(a, P.MarkFailed):
+                transition = (RunState.FAILED, a.cause)
+                attempt_fields.setdefault("ended_at", now)
+            elif isinstance(a, P.MarkStopped):
+                transition = (RunState.STOPPED, a.cause)
+            elif isinstance(a, P.Backoff):
+                s = a.then
+                track.pending = {
+                    "cause": s.cause,
+                    "decided_at": now,
+                    "not_before": a.until,
+                    "max_resume_step": s.max_resume_step,
+                    "skip_steps": [list(w) for w in s.skip_steps],
+                    "after_attempt": o.attempt,
+                }
+                track.skip_steps = [list(w) for w in s.skip_steps]
+            elif isinstance(a, P.Submit):
+                submit = a
+                track.skip_steps = [list(w) for w in a.skip_steps]
+            elif isinstance(a, P.StopJob):
+                stops.append(a)
+            elif isinstance(a, P.ExcludeNode):
+                store.exclude_node(ledger, a.node, a.evidence, run_id, {"attempt": o.attempt})
+            elif isinstance(a, P.SetCheckpointInterval):
+                interval = a.steps
+                track.interval_steps = a.steps
+        if transition and transition[0] in (RunState.FAILED, RunState.STOPPED) and o.job_status.is_live:
+            attempt_fields["state"] = AttemptState.STOPPED
+        store.commit_decision(
+            ledger,
+            run_id,
+            track,
+            attempt=o.attempt or None,
+            incidents=incidents,
+            transition=transition,
+            attempt_fields=attempt_fields,
+            decisions=decisions,
+            now=now,
+        )
+        if interval is not None:
+            write_atomic(rd.path / INTERVAL_FILE, f"{interval}\n".encode())
+        cur = ledger.current_attempt(run_id)
+        for s in stops:
+            if cur and cur["attempt"] == s.attempt and cur.get("job_id"):
+                self._stop(cur["job_id"])
+        if submit is not None:
+            self._submit(run_id, rd, submit)
+
+    def _stop(self, sid: str) -> None:
+        try:
+            self.jobs.stop(sid)
+        except LlmctlError as exc:
+            log.warning("stopping %s: %s", sid, exc)
+
+    def _submit(self, run_id: str, rd: RunDir, s: P.Submit) -> None:
+        ledger = self.ctx.ledger
+        cur = ledger.current_attempt(run_id)
+        if (cur["attempt"] if cur else 0) != s.attempt - 1:
+            log.warning("run %s: attempt %s already exists; not submitting again", run_id, s.attempt)
+            return
+        info = {
+            "cause": s.cause,
+            "max_resume_step": s.max_resume_step,
+            "skip_steps": [list(w) for w in s.skip_steps],
+            "exclude_nodes": list(s.exclude_nodes),
+            "submission_id": submission_id(run_id, s.attempt),
+        }
+        n = ledger.next_attempt(run_id, s.max_resume_step, info)
+        rd.set_fence(n)
+        ledger.transition(run_id, RunState.PROVISIONING, s.cause, n)
+        self._finish_submission(run_id, rd, ledger.current_attempt(run_id))
+
+    def _finish_submission(self, run_id: str, rd: RunDir, cur: dict[str, Any]) -> None:
+        """Attempt `cur` is in the ledger without a job id: adopt its submission, or make it."""
+        n = cur["attempt"]
+        sid = submission_id(run_id, n)
+        info = cur.get("info") or {}
+        if rd.current_fence() < n:
+            rd.set_fence(n)
+        if self.jobs.status(sid) is P.JobStatus.MISSING:
+            env = {EXCLUDE_ENV: ",".join(info.get("exclude_nodes") or [])} if info.get("exclude_nodes") else {}
+            sid = self.jobs.submit(
+                rd,
+                n,
+                max_resume_step=info.get("max_resume_step"),
+                skip_steps=[(int(a), int(b)) for a, b in info.get("skip_steps") or []],
+                env_vars=env,
+            )
+        else:
+            log.info("run %s: adopting submission %s", run_id, sid)
+        self.ctx.ledger.update_attempt(run_id, n, job_id=sid)
+        if RunState(self.ctx.ledger.get_run(run_id)["state"]) == RunState.PENDING:
+            self.ctx.ledger.transition(run_id, RunState.PROVISIONING, info.get("cause") or "submitted", n)
+
+
+def _cause(a: P.Action) -> str:
+    for attr in ("cause", "reason", "evidence", "kind"):
+        if hasattr(a, attr):
+            return str(getattr(a, attr))
+    if isinstance(a, P.Backoff):
+        return a.then.cause
+    return type(a).__name__
+
+
+def _detail(a: P.Action) -> dict[str, Any]:
+    return asdict(a)
+
+
+def supervise_run(
+    ctx: Context, run_id: str, *, interval_s: float = 1.0, timeout_s: float | None = None, jobs: JobsPort | None = None
+) -> str:
+    """Reconcile one run in the foreground until it ends (or `timeout_s`); returns its final state."""
+    sup = Supervisor(ctx, jobs)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while True:
+            sup.reconcile_run(run_id)
+            state = RunState(ctx.ledger.get_run(run_id)["state"])
+            if state.is_terminal or (deadline is not None and time.monotonic() > deadline):
+                return state.value
+            time.sleep(interval_s)
+    finally:
+        sup.close()

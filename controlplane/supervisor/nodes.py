@@ -1,0 +1,54 @@
+"""Node health from telemetry files, and the supervisor's view of nodes.
+
+Telemetry writes one file per node: `<storage>/telemetry/health/<node>.json`
+
+    {"node": "gpu-017", "healthy": false,
+     "reasons": [{"kind": "xid" | "ecc_uncorrectable" | "gpu_lost", "gpu": 3, "detail": "...", "ts": 1.7e9}]}
+
+A missing directory means no telemetry (every node presumed healthy); an unreadable file is
+skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class NodeHealth:
+    node: str
+    healthy: bool
+    reasons: tuple[str, ...]
+    updated_at: float | None = None
+
+
+def health_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / "telemetry" / "health"
+
+
+def _describe(r: Any) -> str:
+    if not isinstance(r, dict):
+        return str(r)
+    where = f" on gpu {r['gpu']}" if r.get("gpu") is not None else ""
+    detail = f": {r['detail']}" if r.get("detail") else ""
+    return f"{r.get('kind', 'unknown')}{where}{detail}"
+
+
+def read_health(storage_root: Path) -> dict[str, NodeHealth]:
+    out: dict[str, NodeHealth] = {}
+    d = health_dir(storage_root)
+    if not d.is_dir():
+        return out
+    for f in sorted(d.glob("*.json")):
+        try:
+            data = json.loads(f.read_text())
+            node = str(data.get("node") or f.stem)
+            reasons = tuple(_describe(r) for r in data.get("reasons") or [])
+            ts = [r.get("ts") for r in data.get("reasons") or [] if isinstance(r, dict) and r.get("ts")]
+            out[node] = NodeHealth(node, bool(data.get("healthy", True)), reasons, max(ts) if ts else None)
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+    return out

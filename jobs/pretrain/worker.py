@@ -1,0 +1,383 @@
+"""One data-parallel training replica, run as a Ray actor.
+
+The actor owns a model replica, its optimizer and scheduler, a memory-mapped view of the
+token shards and a heartbeat thread. The driver calls `step(n)` once per global step
+(pipelined: the next call is queued before the previous one returns); gradients and the
+loss travel in ONE flat all-reduce. A collective that fails because a peer died marks the
+replica `broken` (it keeps its weights, drops the half-done gradient) until the driver
+re-forms the process group with `join()` and realigns every replica with `sync_state()`.
+Rank 0 also serves the metrics and writes checkpoints (copy to host, persist in a thread).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from controlplane import checkpoint as ckpt
+from controlplane.data import load_tokens, read_meta
+from controlplane.rundir import FencedError, RunDir
+from controlplane.spec import RunSpec, read_record
+from jobs.pretrain import state as st
+from jobs.pretrain.events import EventLog
+from jobs.pretrain.schedule import BatchPlan, advance_cursor, skip_forward
+
+HEARTBEAT_S = 1.0
+
+
+class TrainWorker:
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.job = job
+        self.run = read_record(RunSpec, job["run"])
+        self.attempt: int = job["attempt"]
+        self.events = EventLog(RunDir(Path(job["run_dir"])), self.attempt)
+        threads = max(1, int(self.run.workers.cpus_per_worker))
+        torch.set_num_threads(threads)
+        use_gpu = self.run.workers.gpus_per_worker > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        precision = self.run.train.precision
+        self.autocast = use_gpu and precision in ("auto", "bf16") or (not use_gpu and precision == "bf16")
+        self.backend = "nccl" if use_gpu else "gloo"
+
+        meta = read_meta(job["dataset_dir"])
+        self.tokens = load_tokens(job["dataset_dir"], "train")
+        train = self.run.train
+        self.skips: list[tuple[int, int]] = [tuple(s) for s in job.get("skips", [])]
+        self.plan = BatchPlan(int(self.tokens.size), train.seq_len, train.global_batch_size, self.run.seed)
+        if self.plan.windows < 1:
+            raise ValueError(f"dataset has {self.tokens.size} tokens, fewer than seq_len + 1")
+        dims = self.run.model.resolve(vocab_size=meta["vocab_size"], max_seq_len=train.seq_len)
+        self.config = st.llama_config(dims, meta.get("bos_id"), meta.get("eos_id"))
+        self.model = st.build_model(self.config, self.run.seed, self.device)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.total_steps: int = job["total_steps"]
+        self.optimizer, self.scheduler = st.build_optimizer(self.model, self.run, self.total_steps)
+        self.counters = st.Counters(cursor=skip_forward(0, self.skips))
+        self.rank: int | None = None
+        self.world = 0
+        self.broken = False
+        self.fenced = False
+        self.drills = list(enumerate(self.run.faults)) if job.get("drills", True) else []
+        self.drills = [(i, f) for i, f in self.drills if f.attempt == self.attempt]
+        self.fired: set[int] = set()
+        self.metrics = None
+        self.ckpt_thread: threading.Thread | None = None
+        self.ckpt_failures = 0
+        self.last_ckpt: dict[str, Any] | None = None
+        self.t_attempt = float(job.get("t_start", time.time()))
+        self.productive_s = 0.0
+        self.t_last_step: float | None = None
+        self.node_id = _node_id()
+        self._stop = threading.Event()
+        self._hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._hb.start()
+
+    # ------------------------------------------------------------------ control
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        return {"pid": os.getpid(), "node_id": self.node_id, "node_ip": ray.util.get_node_ip_address()}
+
+    def free_port(self) -> tuple[str, int]:
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            return ip, s.getsockname()[1]
+
+    def status(self) -> dict[str, Any]:
+        return {"rank": self.rank, "step": self.counters.step, "broken": self.broken, "pid": os.getpid()}
+
+    def join(self, addr: str, port: int, rank: int, world: int, timeout_s: float) -> dict[str, Any]:
+        """(Re-)form the process group: a fresh TCP store at addr:port, this replica as `rank`."""
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a group broken by a dead peer may not tear down cleanly
+                pass
+        if world > 1:
+            dist.init_process_group(
+                self.backend,
+                init_method=f"tcp://{addr}:{port}",
+                rank=rank,
+                world_size=world,
+                timeout=timedelta(seconds=timeout_s),
+            )
+        self.rank, self.world, self.broken = rank, world, False
+        self.optimizer.zero_grad(set_to_none=True)
+        self._emit("heartbeat", rank=rank, step=self.counters.step, pid=os.getpid(), node_id=self.node_id)
+        url = None
+        if rank == 0 and self.run.metrics.enabled:
+            if self.metrics is None:
+                from jobs.pretrain.metrics import TrainMetrics
+
+                m = self.run.metrics
+                self.metrics = TrainMetrics(self.job["run_id"], self.job["cluster"], m.host, m.port)
+            url = self.metrics.url
+        return {"rank": rank, "metrics_url": url, "pid": os.getpid()}
+
+    def load_checkpoint(self, path: str) -> int:
+        state = st.load(Path(path))
+        self.counters = st.restore(state, self.model, self.optimizer, self.scheduler)
+        self.counters.cursor = skip_forward(self.counters.cursor, self.skips)
+        if self.metrics is not None:
+            self.metrics.tokens.inc(self.counters.tokens)
+        return self.counters.step
+
+    def sync_state(self, src: int) -> int:
+        """Broadcast the whole replica state from rank `src`'s memory to every other rank."""
+        if self.world > 1:
+            dev = self.device if self.backend == "nccl" else torch.device("cpu")
+            if self.rank == src:
+                data = st.to_bytes(st.capture(self.model, self.optimizer, self.scheduler, self.counters))
+                size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+            else:
+                size = torch.zeros(1, dtype=torch.int64, device=dev)
+            dist.broadcast(size, src)
+            if self.rank == src:
+                buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
+            else:
+                buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
+            dist.broadcast(buf, src)
+            if self.rank != src:
+                state = st.from_bytes(buf.cpu().numpy().tobytes())
+                old_tokens = self.counters.tokens
+                self.counters = st.restore(state, self.model, self.optimizer, self.scheduler)
+                if self.metrics is not None:
+                    self.metrics.tokens.inc(max(0, self.counters.tokens - old_tokens))
+        return self.counters.step
+
+    def disarm(self, through_step: int) -> None:
+        """Drills due at or before `through_step` had their chance in this attempt."""
+        for i, f in self.drills:
+            if f.at_step <= through_step and f.kind != "slow_worker":
+                self.fired.add(i)
+
+    def note_restart(self, cause: str) -> None:
+        if self.metrics is not None:
+            self.metrics.restart(cause)
+
+    def shutdown(self) -> dict[str, Any]:
+        """Finish any background checkpoint write; stop heartbeats and the metrics server."""
+        self.flush()
+        self._stop.set()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+        return {"ckpt_failures": self.ckpt_failures, "last_checkpoint": self.last_ckpt}
+
+    # ------------------------------------------------------------------ training
+
+    def _armed(self, kind: str, step: int) -> Any:
+        for i, f in self.drills:
+            if f.kind == kind and f.rank == self.rank and step >= f.at_step and i not in self.fired:
+                if kind != "slow_worker":
+                    self.fired.add(i)
+                return f
+        return None
+
+    def _fire_process_drills(self, step: int) -> None:
+        for kind, sig in (("kill_worker", signal.SIGKILL), ("hang_worker", signal.SIGSTOP)):
+            if self._armed(kind, step):
+                self._emit("fault_injected", kind=kind, rank=self.rank, step=step, pid=os.getpid())
+                os.kill(os.getpid(), sig)
+
+    def step(self, step_no: int) -> dict[str, Any]:
+        if self.broken:
+            return {"ok": False, "rank": self.rank, "error": "process group broken"}
+        if step_no != self.counters.step + 1:
+            return {"ok": False, "rank": self.rank, "error": f"asked for step {step_no} after {self.counters.step}"}
+        self._fire_process_drills(step_no)
+        t0 = time.perf_counter()
+        per_rank = self.plan.global_batch // self.world
+        micro = self.run.train.micro_batch_size or per_rank
+        n_micro = per_rank // micro
+        batch = torch.from_numpy(self.plan.batch(self.tokens, self.counters.cursor, self.rank, self.world))
+        batch = batch.to(self.device, non_blocking=True)
+        nan = self._armed("nan_loss", step_no) is not None
+        local = torch.zeros((), device=self.device)
+        for i in range(n_micro):
+            chunk = batch[i * micro : (i + 1) * micro]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(input_ids=chunk[:, :-1]).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
+            if nan:
+                loss = loss * float("nan")
+            (loss / n_micro).backward()
+            local += loss.detach() / n_micro
+        slow = self._armed("slow_worker", step_no)
+        if slow is not None:
+            time.sleep(slow.seconds)
+        compute_s = time.perf_counter() - t0
+        if self.world > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            flat = torch.cat([g.reshape(-1) for g in grads] + [local.reshape(1).to(grads[0].dtype)])
+            try:
+                dist.all_reduce(flat)
+            except Exception as exc:  # a peer died or the group was torn down
+                self.broken = True
+                self.optimizer.zero_grad(set_to_none=True)
+                return {"ok": False, "rank": self.rank, "error": f"collective failed: {str(exc)[:200]}"}
+            flat /= self.world
+            offset = 0
+            for g in grads:
+                n = g.numel()
+                g.copy_(flat[offset : offset + n].view_as(g))
+                offset += n
+            for p, g in zip(self.params, grads, strict=True):
+                p.grad = g
+            loss_value = float(flat[-1].item())
+        else:
+            loss_value = float(local.item())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.run.train.schedule.grad_clip))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        c = self.counters
+        c.step, c.loss = step_no, loss_value
+        c.tokens += self.run.train.tokens_per_step
+        c.cursor = advance_cursor(c.cursor, self.skips)
+        now = time.perf_counter()
+        step_s = now - t0
+        self.productive_s += step_s
+        if self.metrics is not None:
+            self._observe(step_no, loss_value, now, step_s)
+        self.t_last_step = now
+        return {
+            "ok": True,
+            "rank": self.rank,
+            "step": step_no,
+            "loss": loss_value,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "compute_s": compute_s,
+            "step_s": step_s,
+            "tokens": c.tokens,
+            "ckpt_failures": self.ckpt_failures,
+            "fenced": self.fenced,
+        }
+
+    def _observe(self, step: int, loss: float, now: float, step_s: float) -> None:
+        from jobs.pretrain.metrics import peak_flops
+
+        dt = now - self.t_last_step if self.t_last_step else step_s
+        tps = self.run.train.tokens_per_step / max(dt, 1e-9)
+        goodput = min(1.0, self.productive_s / max(1e-9, time.time() - self.t_attempt))
+        peak = peak_flops(torch.cuda.get_device_name(0)) if self.device.type == "cuda" else None
+        mfu = 6 * self.param_count * tps / (peak * max(1, self.world)) if peak else None
+        if not np.isfinite(loss):
+            loss = float("nan")
+        self.metrics.observe(step, loss, self.run.train.tokens_per_step, tps, goodput, mfu)
+
+    @property
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    # ------------------------------------------------------------------ checkpoints (rank 0)
+
+    def checkpoint(self, step_no: int, loss_history: list[float], async_save: bool, keep_last: int) -> dict[str, Any]:
+        """Copy the state to host memory (blocking), then persist it (in a thread if async)."""
+        if self.counters.step != step_no or self.broken:
+            return {"ok": False, "error": f"replica at step {self.counters.step}, asked to save {step_no}"}
+        t0 = time.perf_counter()
+        self.flush()  # one write at a time: a still-running previous write blocks here
+        self.counters.loss_history = list(loss_history)
+        state = st.capture(self.model, self.optimizer, self.scheduler, self.counters)
+        blocking_s = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.ckpt.set(blocking_s)
+        enospc = self._armed("checkpoint_enospc", step_no) is not None if self.rank is not None else False
+        args = (state, step_no, blocking_s, async_save, keep_last, enospc)
+        if async_save:
+            self.ckpt_thread = threading.Thread(target=self._persist, args=args, name="checkpoint", daemon=True)
+            self.ckpt_thread.start()
+        else:
+            self._persist(*args)
+        return {"ok": True, "blocking_s": blocking_s}
+
+    def _persist(self, state, step, blocking_s, async_save, keep_last, enospc) -> None:
+        root = self.events.run_dir.checkpoints
+        t0 = time.perf_counter()
+        staging = None
+        try:
+            self.events.check()
+            staging = ckpt.staging_dir(root, step)
+            c = state["counters"]
+            extra = {"seed": self.run.seed, "world_size": self.world, "attempt": self.attempt}
+            st.persist(state, staging, config=self.config.to_dict(), extra=extra, fail_enospc=enospc)
+            self.events.check()
+            meta = {"loss": c["loss"], "tokens": c["tokens"], "attempt": self.attempt}
+            info = ckpt.commit(staging, root, step, meta)
+            staging = None
+            ckpt.prune(root, keep_last)
+            persist_s = time.perf_counter() - t0
+            self.last_ckpt = {"step": step, "path": str(info.path)}
+            self._emit(
+                "checkpoint",
+                step=step,
+                path=str(info.path),
+                bytes=info.bytes,
+                blocking_s=round(blocking_s, 6),
+                persist_s=round(persist_s, 6),
+                **{"async": async_save},
+            )
+            self.ckpt_failures = 0
+        except FencedError:
+            self.fenced = True
+        except Exception as exc:
+            self.ckpt_failures += 1
+            self._emit("checkpoint_failed", step=step, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def flush(self) -> None:
+        if self.ckpt_thread is not None:
+            self.ckpt_thread.join()
+            self.ckpt_thread = None
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def _emit(self, type_: str, **fields: Any) -> None:
+        try:
+            self.events.emit(type_, **fields)
+        except FencedError:
+            self.fenced = True
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            if self.rank is None:
+                continue  # a warm spare has no rank yet
+            self._emit("heartbeat", rank=self.rank, step=self.counters.step, pid=os.getpid(), node_id=self.node_id)
+            if self.fenced:
+                return
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None

@@ -1,0 +1,194 @@
+"""The pretraining job on a real local Ray instance, through its real entrypoint.
+
+    python -m jobs.pretrain --run-dir DIR --attempt N     (RAY_ADDRESS set to the test's Ray)
+
+Tiny preset, 2 CPU workers, seq_len 64, global batch 8, 30 steps. Same seed -> the loss
+curve must not depend on failures: a worker SIGKILLed mid-run (replaced in-attempt from a
+survivor's memory) and a whole-job kill + resume from the newest VERIFIED checkpoint (the
+newest is corrupted on purpose) both end at the uninterrupted run's final loss. Tolerance:
+exact equality. The replicas run the same float operations in the same order with the same
+thread count, the replacement receives a byte copy of the survivor's state and a resume
+reads back the exact bytes, so there is no source of divergence to tolerate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from controlplane import checkpoint as ckpt
+from controlplane.data import prepare
+from controlplane.rundir import RunDir
+from controlplane.spec import ClusterSpec, RunSpec
+
+pytestmark = pytest.mark.integration
+ray = pytest.importorskip("ray")
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    ctx = ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ctx.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "manpages-ja"
+    prepare("manpages-ja", out, vocab_size=512, seed=0, max_bytes=300_000)
+    return out
+
+
+def make_run(root: Path, dataset: Path, name: str, **overrides) -> RunDir:
+    spec = {
+        "name": "itest",
+        "train": {"max_steps": STEPS, "seq_len": 64, "global_batch_size": 8, "schedule": {"warmup_steps": 5}},
+        "workers": {"num_workers": 2},
+        "checkpoint": {"interval_steps": 10, "keep_last": 5},
+        "seed": 0,
+        **overrides,
+    }
+    rd = RunDir(root / "runs" / name).create()
+    rd.write_spec(
+        {
+            "run_id": name,
+            "run": RunSpec.model_validate(spec).model_dump(mode="json"),
+            "cluster": ClusterSpec().model_dump(mode="json"),
+            "dataset_dir": str(dataset),
+        }
+    )
+    rd.set_fence(1)
+    return rd
+
+
+def run_job(rd: RunDir, attempt: int, address: str, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_ADDRESS=address)
+    cmd = [sys.executable, "-m", "jobs.pretrain", "--run-dir", str(rd.path), "--attempt", str(attempt), *extra]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+
+
+def by_type(rd: RunDir, type_: str) -> list[dict]:
+    return rd.events({type_})
+
+
+def final_loss(rd: RunDir) -> float:
+    return [e for e in by_type(rd, "step") if e["step"] == STEPS][-1]["loss"]
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_address, dataset, tmp_path_factory):
+    rd = make_run(tmp_path_factory.mktemp("base"), dataset, "base")
+    proc = run_job(rd, 1, ray_address)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return rd
+
+
+def test_tiny_run_writes_events_and_checkpoints(baseline):
+    rd = baseline
+    (start,) = by_type(rd, "start")
+    assert start["resume_step"] == 0 and start["world_size"] == 2 and len(start["workers"]) == 2
+    assert start["metrics_url"].startswith("http://127.0.0.1:")
+    steps = by_type(rd, "step")
+    assert [e["step"] for e in steps] == list(range(1, STEPS + 1))
+    assert steps[-1]["tokens"] == STEPS * 8 * 64
+    assert all(len(e["rank_step_times"]) == 2 and e["tokens_per_s"] > 0 for e in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.3  # it learns
+    hb_ranks = {(e["rank"], e["pid"]) for e in by_type(rd, "heartbeat")}
+    assert {r for r, _ in hb_ranks} == {0, 1}
+    cps = by_type(rd, "checkpoint")
+    assert [c["step"] for c in cps] == [10, 20, 30]
+    assert all(c["async"] and c["blocking_s"] >= 0 and c["persist_s"] > 0 for c in cps)
+    assert ckpt.committed_steps(rd.checkpoints) == [10, 20, 30]
+    info = ckpt.verify(rd.checkpoints / "step_000000030")
+    trainer = json.loads((info.path / "trainer_state.json").read_text())
+    assert trainer["step"] == 30 and trainer["data_cursor"] == 30 and trainer["world_size"] == 2
+    assert info.manifest["meta"]["loss"] == final_loss(rd)
+    (end,) = by_type(rd, "end")
+    assert end["status"] == "succeeded" and end["step"] == STEPS
+
+
+@pytest.mark.parametrize("spares,rank", [(0, 1), (1, 0)], ids=["new-worker", "warm-spare"])
+def test_killed_worker_is_replaced_in_attempt(baseline, ray_address, dataset, tmp_path, spares, rank):
+    rd = make_run(
+        tmp_path,
+        dataset,
+        "kill",
+        workers={"num_workers": 2, "spare_workers": spares},
+        faults=[{"kind": "kill_worker", "at_step": 15, "rank": rank}],
+    )
+    proc = run_job(rd, 1, ray_address)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (failure,) = by_type(rd, "failure")
+    assert failure["kind"] == "worker_died" and failure["rank"] == rank and failure["step"] == 15
+    (rep,) = by_type(rd, "worker_replaced")
+    assert rep["rank"] == rank and rep["from"] == ("spare" if spares else "new") and rep["new_pid"] != rep["old_pid"]
+    assert 0 < rep["recovery_s"] < 60
+    assert len(by_type(rd, "start")) == 1  # recovered inside the attempt, no restart
+    assert [e["step"] for e in by_type(rd, "step")] == list(range(1, STEPS + 1))
+    assert final_loss(rd) == final_loss(baseline)
+
+
+def test_restart_resumes_from_newest_verified_checkpoint(baseline, ray_address, dataset, tmp_path):
+    rd = make_run(tmp_path, dataset, "resume", faults=[{"kind": "exit_driver", "at_step": 25, "attempt": 1}])
+    first = run_job(rd, 1, ray_address)
+    assert first.returncode == 1
+    assert ckpt.committed_steps(rd.checkpoints) == [10, 20]
+    weights = rd.checkpoints / "step_000000020" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # same size, wrong checksum
+    weights.write_bytes(bytes(data))
+    rd.set_fence(2)
+    second = run_job(rd, 2, ray_address)
+    assert second.returncode == 0, second.stderr[-3000:]
+    start = by_type(rd, "start")[-1]
+    assert start["attempt"] == 2 and start["resume_step"] == 10
+    assert [s for s, _ in start["skipped_checkpoints"]] == [20]
+    resumed = [e for e in by_type(rd, "step") if e["attempt"] == 2]
+    assert resumed[0]["step"] == 11 and resumed[0]["tokens"] == 11 * 8 * 64
+    assert final_loss(rd) == final_loss(baseline)
+    # The replay of steps 11..25 matches the first attempt's curve exactly.
+    before = {e["step"]: e["loss"] for e in by_type(rd, "step") if e["attempt"] == 1}
+    assert all(before[e["step"]] == e["loss"] for e in resumed if e["step"] in before)
+
+
+def test_nan_loss_fails_without_checkpointing_bad_state(ray_address, dataset, tmp_path):
+    rd = make_run(tmp_path, dataset, "nan", faults=[{"kind": "nan_loss", "at_step": 10, "rank": 1}])
+    proc = run_job(rd, 1, ray_address)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    (failure,) = by_type(rd, "failure")
+    assert failure["kind"] == "nan_loss" and failure["step"] == 10
+    assert ckpt.committed_steps(rd.checkpoints) == []
+    assert by_type(rd, "end")[0]["status"] == "failed"
+
+
+def test_enospc_during_checkpoint_never_leaves_a_loadable_checkpoint(ray_address, dataset, tmp_path):
+    rd = make_run(
+        tmp_path,
+        dataset,
+        "enospc",
+        checkpoint={"interval_steps": 10, "async_save": False},
+        faults=[{"kind": "checkpoint_enospc", "at_step": 10}],
+    )
+    proc = run_job(rd, 1, ray_address)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (failed,) = by_type(rd, "checkpoint_failed")
+    assert failed["step"] == 10 and "No space left on device" in failed["error"]
+    assert ckpt.committed_steps(rd.checkpoints) == [20, 30]
+    assert not [p for p in rd.checkpoints.iterdir() if p.name.startswith(".staging")]
+    assert all(c["async"] is False for c in by_type(rd, "checkpoint"))
+
+
+def test_fenced_attempt_exits_75(ray_address, dataset, tmp_path):
+    rd = make_run(tmp_path, dataset, "fenced")
+    rd.set_fence(2)
+    proc = run_job(rd, 1, ray_address)
+    assert proc.returncode == 75
+    assert by_type(rd, "start") == []

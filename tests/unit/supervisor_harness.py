@@ -1,0 +1,120 @@
+"""Helpers for supervisor loop tests: runs whose attempts are local processes.
+
+`ProcessJobs` is a real JobsPort: each submission is a process group running the scripted
+job (tests/unit/scripted_job.py); its state lives in files (pid, exit code, stop marker,
+a log of every submission), so a supervisor process killed and started again sees the same
+jobs, and a test can count how many times each submission id was really started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from controlplane.ledger import Ledger
+from controlplane.rundir import RunDir
+from controlplane.spec import RunSpec, dump_spec
+from controlplane.supervisor.policy import JobStatus
+
+SCRIPT = Path(__file__).with_name("scripted_job.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class ProcessJobs:
+    def __init__(self, state_dir: Path):
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _f(self, sid: str, ext: str) -> Path:
+        return self.dir / f"{sid}.{ext}"
+
+    def submissions(self) -> list[str]:
+        log = self.dir / "submissions.log"
+        return log.read_text().split() if log.exists() else []
+
+    def status(self, sid: str) -> JobStatus:
+        if not self._f(sid, "pid").exists():
+            return JobStatus.MISSING
+        stopped = self._f(sid, "stopped").exists()
+        rc = self._f(sid, "rc")
+        if rc.exists():
+            if stopped:
+                return JobStatus.STOPPED
+            return JobStatus.SUCCEEDED if rc.read_text().strip() == "0" else JobStatus.FAILED
+        if _alive(int(self._f(sid, "pid").read_text())):
+            return JobStatus.RUNNING
+        return JobStatus.STOPPED if stopped else JobStatus.FAILED
+
+    def submit(self, run_dir: RunDir, attempt: int, *, max_resume_step, skip_steps, env_vars) -> str:
+        sid = f"{run_dir.run_id}-a{attempt}"
+        if self._f(sid, "pid").exists():
+            return sid  # already submitted: adopt
+        args = [sys.executable, str(SCRIPT), "--run-dir", str(run_dir.path), "--attempt", str(attempt)]
+        if max_resume_step is not None:
+            args += ["--max-resume-step", str(max_resume_step)]
+        for a, b in skip_steps:
+            args += ["--skip-steps", f"{a}:{b}"]
+        rc = self._f(sid, "rc")
+        cmd = f"{shlex.join(args)}; echo $? > {shlex.quote(str(rc))}.tmp && mv {shlex.quote(str(rc))}.tmp {shlex.quote(str(rc))}"
+        env = {**os.environ, **env_vars, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen(["sh", "-c", cmd], env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+        self._f(sid, "pid").write_text(str(proc.pid))
+        self._f(sid, "args").write_text(json.dumps({"args": args, "env": env_vars}))
+        with open(self.dir / "submissions.log", "a") as f:
+            f.write(sid + "\n")
+        return sid
+
+    def stop(self, sid: str) -> None:
+        pid_file = self._f(sid, "pid")
+        if not pid_file.exists():
+            return
+        self._f(sid, "stopped").touch()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+    def args_of(self, sid: str) -> dict:
+        return json.loads(self._f(sid, "args").read_text())
+
+    def kill_all(self) -> None:
+        for pid_file in self.dir.glob("*.pid"):
+            with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def make_run(
+    ledger: Ledger, storage: Path, run_id: str, spec: RunSpec, script: dict, *, launch: bool = False
+) -> RunDir:
+    """Record a run (pending, no attempt yet) with its scripted behaviour."""
+    rd = RunDir.of(storage, run_id).create()
+    rd.write_spec({"run_id": run_id, "run": dump_spec(spec), "cluster": {}, "dataset_dir": ""})
+    (rd.path / "script.json").write_text(json.dumps(script))
+    ledger.create_run(run_id, spec.name, dump_spec(spec), {}, str(rd.path))
+    return rd
+
+
+def wait_terminal(sup, ledger: Ledger, run_id: str, timeout: float = 60.0, every: float = 0.05) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sup.reconcile_run(run_id)
+        state = ledger.get_run(run_id)["state"]
+        if state in ("succeeded", "failed", "stopped"):
+            return state
+        time.sleep(every)
+    raise AssertionError(f"run {run_id} still {ledger.get_run(run_id)['state']} after {timeout}s")

@@ -1,0 +1,374 @@
+"""Every rule of the supervisor policy, without Ray."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from controlplane.spec import CheckpointSpec, FaultToleranceSpec
+from controlplane.states import RunState
+from controlplane.supervisor.policy import (
+    Backoff,
+    ExcludeNode,
+    Failure,
+    Heartbeat,
+    JobStatus,
+    MarkFailed,
+    MarkRecovering,
+    MarkRunning,
+    MarkStopped,
+    MarkSucceeded,
+    NodeStatus,
+    Observed,
+    PendingRestart,
+    PolicyConfig,
+    RecordIncident,
+    SetCheckpointInterval,
+    StopJob,
+    Submit,
+    backoff_delay_s,
+    decide,
+    hang_timeout_s,
+    interval_steps,
+    mtbf_estimate_s,
+    numerical_fault,
+    restarts_without_progress,
+    rollback_plan,
+    young_daly_interval,
+)
+
+NOW = 10_000.0
+FT = FaultToleranceSpec(
+    max_restarts=5,
+    backoff_initial_s=2,
+    backoff_max_s=30,
+    crash_loop_restarts=3,
+    hang_timeout_factor=10,
+    hang_timeout_min_s=20,
+    hang_timeout_max_s=300,
+    max_rollbacks=2,
+    node_failure_threshold=2,
+)
+
+
+def running(**kw) -> Observed:
+    base = dict(
+        run_state=RunState.RUNNING,
+        final_step=100,
+        attempt=1,
+        job_status=JobStatus.RUNNING,
+        attempt_submitted_at=NOW - 100,
+        attempt_started_at=NOW - 90,
+        last_step=40,
+        last_step_at=NOW - 1,
+        median_step_s=0.5,
+        verified_steps=(20, 40),
+        attempt_progressed=True,
+    )
+    base.update(kw)
+    return Observed(**base)
+
+
+def of(actions, kind):
+    return [a for a in actions if isinstance(a, kind)]
+
+
+# ------------------------------------------------------------------ the happy path
+
+
+def test_first_attempt_is_submitted_for_a_new_run():
+    acts = decide(Observed(RunState.PENDING, final_step=100), FT, NOW)
+    assert acts == [Submit(1, "initial submission")]
+
+
+def test_healthy_running_attempt_needs_nothing():
+    assert decide(running(), FT, NOW) == []
+
+
+def test_provisioning_becomes_running_at_the_start_event():
+    acts = decide(running(run_state=RunState.PROVISIONING), FT, NOW)
+    assert of(acts, MarkRunning)
+    acts = decide(running(run_state=RunState.PROVISIONING, attempt_started_at=None, last_step_at=None), FT, NOW)
+    assert not of(acts, MarkRunning)
+
+
+def test_success_at_final_step():
+    acts = decide(running(job_status=JobStatus.SUCCEEDED, last_step=100), FT, NOW)
+    assert of(acts, MarkSucceeded) and not of(acts, Submit)
+
+
+def test_exit_zero_before_final_step_is_restarted():
+    acts = decide(running(job_status=JobStatus.SUCCEEDED, last_step=60), FT, NOW)
+    assert of(acts, RecordIncident)[0].kind == "early_exit"
+    assert of(acts, MarkRecovering)
+
+
+def test_terminal_run_does_nothing_but_stops_a_leftover_job():
+    assert decide(running(run_state=RunState.SUCCEEDED, job_status=JobStatus.SUCCEEDED), FT, NOW) == []
+    assert decide(running(run_state=RunState.FAILED), FT, NOW) == [StopJob(1, "run is failed")]
+
+
+def test_operator_stop():
+    acts = decide(running(stop_requested=True), FT, NOW)
+    assert of(acts, StopJob) and of(acts, MarkStopped)
+
+
+# ------------------------------------------------------------------ restarts, backoff, budget
+
+
+def test_crash_restarts_with_initial_backoff_and_the_cause_recorded():
+    acts = decide(running(job_status=JobStatus.FAILED), FT, NOW)
+    assert of(acts, RecordIncident)[0].kind == "crash"
+    assert "crash in attempt 1" in of(acts, MarkRecovering)[0].cause
+    (b,) = of(acts, Backoff)
+    assert b.until == NOW + 2 and b.then.attempt == 2 and b.then.max_resume_step is None
+
+
+def test_failure_event_names_the_cause():
+    f = Failure("worker_died", NOW - 3, 1, step=41, rank=1, node="n1", detail="SIGKILL")
+    acts = decide(running(job_status=JobStatus.FAILED, failures=(f,)), FT, NOW)
+    inc = of(acts, RecordIncident)[0]
+    assert inc.kind == "worker_died" and inc.detail["rank"] == 1 and inc.detail["node"] == "n1"
+
+
+def test_zero_backoff_submits_at_once():
+    ft = FT.model_copy(update={"backoff_initial_s": 0})
+    acts = decide(running(job_status=JobStatus.FAILED), ft, NOW)
+    assert of(acts, Submit) == [Submit(2, "crash in attempt 1 at step 40")]
+
+
+def test_backoff_doubles_without_progress_and_is_capped():
+    assert [backoff_delay_s(FT, k) for k in range(6)] == [2, 4, 8, 16, 30, 30]
+    assert backoff_delay_s(FT, 10_000) == 30
+    o = running(
+        attempt=3, restarts=2, restarts_without_progress=1, attempt_progressed=False, job_status=JobStatus.FAILED
+    )
+    (b,) = of(decide(o, FT, NOW), Backoff)
+    assert b.until == NOW + 8  # streak 2 now: 2 * 2**2
+
+
+def test_restart_budget():
+    o = running(attempt=6, restarts=5, job_status=JobStatus.FAILED)
+    acts = decide(o, FT, NOW)
+    (f,) = of(acts, MarkFailed)
+    assert "restart budget exhausted (5 of 5)" in f.cause
+    assert not of(acts, Submit) and not of(acts, Backoff)
+
+
+def test_crash_loop_stops_the_run():
+    o = running(
+        attempt=4, restarts=3, restarts_without_progress=2, attempt_progressed=False, job_status=JobStatus.FAILED
+    )
+    (f,) = of(decide(o, FT, NOW), MarkFailed)
+    assert f.cause.startswith("crash loop: 3 restarts without step progress")
+    # one fewer, or progress in this attempt: restart
+    assert not of(
+        decide(
+            running(
+                attempt=3,
+                restarts=2,
+                restarts_without_progress=1,
+                attempt_progressed=False,
+                job_status=JobStatus.FAILED,
+            ),
+            FT,
+            NOW,
+        ),
+        MarkFailed,
+    )
+    assert not of(
+        decide(
+            running(
+                attempt=4, restarts=3, restarts_without_progress=2, attempt_progressed=True, job_status=JobStatus.FAILED
+            ),
+            FT,
+            NOW,
+        ),
+        MarkFailed,
+    )
+
+
+def test_restarts_without_progress_helper():
+    assert restarts_without_progress([]) == 0
+    assert restarts_without_progress([False]) == 0  # attempt 1 is not a restart
+    assert restarts_without_progress([True, False, False]) == 2
+    assert restarts_without_progress([False, False, True, False]) == 1
+
+
+def test_pending_restart_waits_for_backoff_then_submits_its_plan():
+    p = PendingRestart("crash", decided_at=NOW - 5, not_before=NOW + 3, max_resume_step=20, skip_steps=((21, 31),))
+    o = running(run_state=RunState.RECOVERING, job_status=JobStatus.FAILED, pending=p)
+    assert decide(o, FT, NOW) == []
+    assert decide(o, FT, NOW + 3) == [Submit(2, "crash", 20, ((21, 31),))]
+
+
+def test_pending_restart_stops_a_live_job_first_then_gives_up_waiting():
+    p = PendingRestart("hang", decided_at=NOW, not_before=NOW)
+    o = running(run_state=RunState.RECOVERING, pending=p)
+    assert decide(o, FT, NOW + 1) == [StopJob(1, "hang")]
+    assert decide(o, FT, NOW + PolicyConfig().stop_grace_s + 1) == [Submit(2, "hang")]
+
+
+def test_lost_and_externally_stopped_jobs_are_restarted():
+    for status, kind in ((JobStatus.MISSING, "job_lost"), (JobStatus.STOPPED, "job_stopped")):
+        acts = decide(running(job_status=status), FT, NOW)
+        assert of(acts, RecordIncident)[0].kind == kind and of(acts, Backoff)
+
+
+def test_queued_job_is_left_alone():
+    assert decide(running(job_status=JobStatus.PENDING, attempt_started_at=None, last_step_at=None), FT, NOW) == []
+
+
+# ------------------------------------------------------------------ hang
+
+
+def test_hang_timeout_is_clamped():
+    assert hang_timeout_s(FT, 0.5) == 20  # 10 x 0.5 = 5 -> min 20
+    assert hang_timeout_s(FT, 5) == 50
+    assert hang_timeout_s(FT, 100) == 300
+    assert hang_timeout_s(FT, None) == 300
+
+
+def test_hang_is_detected_and_names_the_stale_ranks():
+    hb = (Heartbeat(0, NOW - 1, "n0"), Heartbeat(1, NOW - 60, "n1"), Heartbeat(2, NOW - 2, "n0"))
+    o = running(last_step_at=NOW - 21, heartbeats=hb)
+    acts = decide(o, FT, NOW)
+    inc = of(acts, RecordIncident)[0]
+    assert inc.kind == "hang" and inc.detail["stale_ranks"] == [1] and inc.detail["node"] == "n1"
+    assert "ranks [1]" in inc.detail["detail"]
+    assert of(acts, StopJob) == [StopJob(1, "hang")]
+    assert of(acts, Backoff)[0].then.attempt == 2
+    assert decide(running(last_step_at=NOW - 19, heartbeats=hb), FT, NOW) == []
+
+
+def test_startup_is_not_a_hang_until_the_startup_timeout():
+    o = running(attempt_started_at=None, last_step_at=NOW - 500, attempt_submitted_at=NOW - 200)
+    assert decide(o, FT, NOW) == []  # the old step belongs to an earlier attempt
+    assert of(decide(o, FT, NOW + 101), RecordIncident)[0].kind == "hang"
+    cfg = PolicyConfig(startup_timeout_s=50)
+    assert of(decide(o, FT, NOW, config=cfg), RecordIncident)[0].kind == "hang"
+
+
+def test_after_start_before_first_step_uses_the_step_timeout():
+    o = running(attempt_started_at=NOW - 25, last_step_at=NOW - 500, attempt_submitted_at=NOW - 30)
+    assert of(decide(o, FT, NOW), RecordIncident)[0].kind == "hang"
+
+
+# ------------------------------------------------------------------ numerical faults
+
+
+def test_rollback_plan():
+    assert rollback_plan([10, 20, 30], 30) == (20, ((21, 31),))
+    assert rollback_plan([10, 20, 30], 35) == (30, ((31, 36),))
+    assert rollback_plan([], 7) == (0, ((1, 8),))
+    assert rollback_plan([10], 15, [(3, 5)]) == (10, ((3, 5), (11, 16)))
+
+
+def test_nan_failure_rolls_back_strictly_before_the_bad_step_and_skips_the_window():
+    f = Failure("nan_loss", NOW - 1, 1, step=40, rank=0)
+    acts = decide(running(job_status=JobStatus.FAILED, failures=(f,), verified_steps=(20, 40)), FT, NOW)
+    (b,) = of(acts, Backoff)
+    assert b.then.max_resume_step == 20 and b.then.skip_steps == ((21, 41),)
+    assert [i.kind for i in of(acts, RecordIncident)] == ["nan_loss", "rollback"]
+    assert "rollback to step 20, skip steps 21..40" in of(acts, MarkRecovering)[0].cause
+
+
+def test_numerical_failure_outranks_the_later_crash_it_caused():
+    fs = (Failure("nan_loss", NOW - 2, 1, step=33), Failure("driver_error", NOW - 1, 1, step=33))
+    acts = decide(running(job_status=JobStatus.FAILED, failures=fs), FT, NOW)
+    assert of(acts, Backoff)[0].then.max_resume_step == 20
+
+
+def test_nan_seen_in_a_running_job_stops_it_and_rolls_back():
+    losses = (3.0, 2.9, 2.8, float("nan"))
+    acts = decide(running(recent_losses=losses, last_step=44), FT, NOW)
+    assert of(acts, StopJob) and of(acts, Backoff)[0].then.skip_steps == ((41, 45),)
+
+
+def test_loss_spike_detection():
+    assert numerical_fault([2.0] * 10 + [7.0], 3.0, 20) == (10, "loss_spike")
+    assert numerical_fault([2.0] * 10 + [5.0], 3.0, 20) is None
+    assert numerical_fault([2.0, 9.0], 3.0, 20) is None  # too little history
+    assert numerical_fault([1.0, math.inf], 3.0, 20) == (1, "nan_loss")
+
+
+def test_rollbacks_are_bounded():
+    f = Failure("loss_spike", NOW - 1, 3, step=60)
+    acts = decide(running(attempt=3, restarts=2, rollbacks=2, job_status=JobStatus.FAILED, failures=(f,)), FT, NOW)
+    assert "2 rollbacks used (max 2)" in of(acts, MarkFailed)[0].cause
+
+
+def test_skip_windows_and_poisoned_checkpoints_carry_over_to_plain_restarts():
+    o = running(
+        attempt=3,
+        restarts=2,
+        job_status=JobStatus.FAILED,
+        skip_steps=((21, 41),),
+        verified_steps=(20, 30),
+        poisoned_steps=(40,),
+    )
+    (b,) = of(decide(o, FT, NOW), Backoff)
+    assert b.then.skip_steps == ((21, 41),) and b.then.max_resume_step == 30
+
+
+# ------------------------------------------------------------------ nodes
+
+
+def test_node_with_repeated_failures_is_excluded():
+    nodes = (NodeStatus("n0", failures=1), NodeStatus("n1", failures=2), NodeStatus("n2", failures=5, excluded=True))
+    acts = decide(running(nodes=nodes), FT, NOW)
+    assert of(acts, ExcludeNode) == [ExcludeNode("n1", "2 failures on this node (threshold 2)")]
+    assert not of(acts, StopJob)  # the attempt does not run there
+
+
+def test_unhealthy_node_under_the_attempt_restarts_it_elsewhere():
+    nodes = (NodeStatus("n0"), NodeStatus("n1", healthy=False, reasons=("xid 79 on gpu 3",)))
+    acts = decide(running(nodes=nodes, attempt_nodes=("n0", "n1")), FT, NOW)
+    assert of(acts, ExcludeNode)[0].evidence == "unhealthy: xid 79 on gpu 3"
+    assert of(acts, RecordIncident)[0].kind == "node_unhealthy"
+    assert of(acts, StopJob) and of(acts, Backoff)[0].then.exclude_nodes == ("n1",)
+
+
+def test_excluded_nodes_travel_with_every_submission():
+    o = Observed(RunState.PENDING, final_step=10, nodes=(NodeStatus("n9", excluded=True),))
+    assert decide(o, FT, NOW) == [Submit(1, "initial submission", exclude_nodes=("n9",))]
+
+
+# ------------------------------------------------------------------ checkpoint interval
+
+
+def test_young_daly():
+    assert young_daly_interval(2.0, 3600.0) == pytest.approx(120.0)
+    assert interval_steps(2.0, 3600.0, 0.5) == 240
+    assert interval_steps(2.0, 3600.0, 0.5, max_steps=100) == 100
+    assert interval_steps(0.001, 1.0, 10.0) == 1
+    with pytest.raises(ValueError):
+        young_daly_interval(0, 10)
+
+
+def test_mtbf_estimate_is_smoothed_by_the_prior():
+    assert mtbf_estimate_s(0, 0, 3600) == 3600
+    assert mtbf_estimate_s(7200, 1, 3600) == 5400
+    assert mtbf_estimate_s(1000, 0) == 1000 + 24 * 3600
+
+
+def test_auto_interval_is_written_and_rewritten_only_on_real_change():
+    ck = CheckpointSpec(interval_steps="auto", mtbf_hours=1)
+    o = running(save_cost_s=2.0, median_step_s=0.5, final_step=1000)
+    (a,) = of(decide(o, FT, NOW, checkpoint=ck), SetCheckpointInterval)
+    assert a.steps == 240
+    assert not of(
+        decide(
+            running(save_cost_s=2.0, median_step_s=0.5, final_step=1000, interval_steps=230), FT, NOW, checkpoint=ck
+        ),
+        SetCheckpointInterval,
+    )
+    o2 = running(save_cost_s=2.0, median_step_s=0.5, final_step=1000, interval_steps=240, mtbf_s=400.0)
+    assert of(decide(o2, FT, NOW, checkpoint=ck), SetCheckpointInterval)[0].steps == 80
+    assert not of(decide(o, FT, NOW, checkpoint=CheckpointSpec(interval_steps=25)), SetCheckpointInterval)
+
+
+def test_decide_is_deterministic():
+    o = running(job_status=JobStatus.FAILED, failures=(Failure("worker_died", NOW, 1, 40, 0),))
+    assert decide(o, FT, NOW) == decide(o, FT, NOW)
