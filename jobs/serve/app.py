@@ -19,6 +19,7 @@ fault. Leave it empty in production.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections import Counter
@@ -29,7 +30,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from jobs.serve.engine import load_engine
+from jobs.serve.engine import load_engine, vllm_status
 from jobs.serve.metrics import ServeMetrics
 from jobs.serve.openai import BadRequest, authorized, completion_response, error_body, parse_completion_request
 
@@ -45,6 +46,9 @@ class ModelServer:
     def __init__(self, cfg: dict[str, Any]):
         self.version = cfg["version"]
         self.engine = load_engine(cfg["model_dir"], cfg.get("engine", "auto"), cfg.get("device", "auto"))
+        vllm_ok, why = vllm_status()
+        note = "" if vllm_ok or self.engine.name == "vllm" else f" ({why})"
+        logging.getLogger("ray.serve").info(f"{self.version}: engine {self.engine.name} on {self.engine.device}{note}")
         drill = cfg.get("drill") or {}
         self.error_rate = float(drill.get("error_rate", 0.0))
         self.delay_s = float(drill.get("delay_s", 0.0))
@@ -61,7 +65,12 @@ class ModelServer:
         return completion_response(self.version, results)
 
     async def describe(self) -> dict[str, Any]:
-        return {"version": self.version, "engine": self.engine.name, "device": self.engine.device}
+        return {
+            "version": self.version,
+            "engine": self.engine.name,
+            "device": self.engine.device,
+            "vllm": vllm_status()[1],
+        }
 
 
 @serve.deployment(name="Router", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
