@@ -20,6 +20,9 @@ class _OneCommandGroup(TyperGroup):
 
     allow_interspersed_args = True
 
+    def collect_usage_pieces(self, ctx):  # no "COMMAND [ARGS]...": there are no subcommands
+        return [p for p in super().collect_usage_pieces(ctx) if p != self.subcommand_metavar]
+
 
 app = typer.Typer(cls=_OneCommandGroup, help="Evaluate a model: held-out perplexity, JCommonsenseQA, JSQuAD.")
 

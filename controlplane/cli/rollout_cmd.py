@@ -44,7 +44,7 @@ def make_backend(ctx: Any, kind: str):
         return KubernetesBackend.from_kubeconfig(ctx.cluster)
     from controlplane.rollout.ray_backend import RayServeBackend
 
-    return RayServeBackend(ctx.cluster.address if ctx.cluster.kind == "ray" else None)
+    return RayServeBackend(ctx.cluster)
 
 
 @app.command()

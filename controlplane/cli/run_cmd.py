@@ -15,8 +15,6 @@ import typer
 from rich.table import Table
 
 from controlplane.cli.common import ClusterOpt, JsonOpt, emit_json, err, human_duration, out
-from controlplane.cli.export_cmd import run_export
-from controlplane.cli.telemetry_cmd import run_energy
 from controlplane.context import Context
 from controlplane.errors import UserError
 from controlplane.rundir import EventTail, RunDir
@@ -254,7 +252,9 @@ def stop(run_id: RunArg, cluster: ClusterOpt = None) -> None:
 
 
 # Verbs defined in other modules are attached here, one line each:
+from controlplane.cli.export_cmd import run_export  # noqa: E402
 from controlplane.cli.supervise_cmd import run_goodput  # noqa: E402
+from controlplane.cli.telemetry_cmd import run_energy  # noqa: E402
 
 app.command("goodput")(run_goodput)
 app.command("energy")(run_energy)

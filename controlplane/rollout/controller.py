@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from controlplane.rollout import store
@@ -160,10 +161,12 @@ class RolloutController:
             "jcommonsenseqa": "jcommonsenseqa_accuracy",
             "jsquad": "jsquad_exact_match",
         }
-        for row in store.evaluations(self.ledger, str(exported.model_dir), limit=20):
-            if all(needed[t] in (row.get("scores") or {}) for t in tasks):
-                return row
         e = spec.eval
+        for row in store.evaluations(self.ledger, str(exported.model_dir), limit=20):
+            if all(needed[t] in (row.get("scores") or {}) for t in tasks) and _same_setup(
+                row.get("detail") or {}, e, tasks
+            ):
+                return row
         req = EvalRequest(
             tasks=tasks,
             jcommonsenseqa=e.jcommonsenseqa,
@@ -203,3 +206,20 @@ class RolloutController:
             store.record_decision(self.ledger, rid, str(Action.ROLLBACK), reason)
         except Exception:  # the backend itself is down: the ledger row still says what happened
             pass
+
+
+def _same_setup(detail: dict[str, Any], e: Any, tasks: list[str]) -> bool:
+    """Whether a recorded evaluation used the files, shots and limit this gate asks for."""
+    if detail.get("limit") != e.limit:
+        return False
+    for task, path, k in (("jcommonsenseqa", e.jcommonsenseqa, e.jcommonsenseqa_k), ("jsquad", e.jsquad, e.jsquad_k)):
+        if task not in tasks:
+            continue
+        d = detail.get(task) or {}
+        if d.get("k") != k:
+            return False
+        if path is not None and d.get("file") != str(Path(path).expanduser().resolve()):
+            return False
+        if path is None and Path(d.get("file", "")).parent.name != "samples":  # the bundled sample
+            return False
+    return True

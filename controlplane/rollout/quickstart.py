@@ -6,7 +6,7 @@ import os
 import socket
 from typing import Any
 
-from controlplane.errors import RetryableError
+from controlplane.errors import RetryableError, UserError
 from controlplane.rollout import store
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.evaluation import EvalRequest, evaluate
@@ -45,13 +45,12 @@ def serve_and_sample(
     exported = resolve_model(ctx, run_id)
     evaluation = evaluate(ctx, str(exported.model_dir), exported.run_id, EvalRequest(limit=eval_limit))
     started_ray = False
-    if not ray.is_initialized():
-        address = ctx.cluster.address if ctx.cluster.kind == "ray" else None
-        if address:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        else:  # a private local Ray for the duration of the call
-            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level="ERROR")
-            started_ray = True
+    try:
+        backend = RayServeBackend(ctx.cluster)  # the project's running cluster, if any
+    except UserError:  # none: a private local Ray for the duration of the call
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level="ERROR")
+        started_ray = True
+        backend = RayServeBackend(ctx.cluster)
     spec = RolloutSpec(
         name=service,
         model=str(exported.model_dir),
@@ -59,7 +58,6 @@ def serve_and_sample(
         gpus_per_replica=0,
         serve=ServeOptions(port=_free_port(), cpus_per_replica=0.5),
     )
-    backend = RayServeBackend()
     try:
         row = RolloutController(ctx, backend).start(spec)
         if row["state"] != store.PROMOTED:

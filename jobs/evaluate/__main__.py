@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.monotonic()
     scorer = Scorer(args.model, device)
     scores: dict = {}
-    detail: dict = {"device": device, "seconds": {}}
+    detail: dict = {"device": device, "seconds": {}, "limit": args.limit}
     for task in tasks:
         t = time.monotonic()
         if task == "heldout":
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
         elif task == "jsquad":
             s, preds = eval_jsquad(scorer, args.jsquad, args.jsquad_k, args.jsquad_train, args.limit)
             scores.update(s)
-            detail["jsquad"] = {"file": str(args.jsquad), "k": args.jsquad_k, "predictions": preds}
+            detail["jsquad"] = {"file": str(args.jsquad.resolve()), "k": args.jsquad_k, "predictions": preds}
         detail["seconds"][task] = round(time.monotonic() - t, 3)
     detail["seconds"]["total"] = round(time.monotonic() - t0, 3)
     return {"model": str(args.model), "tasks": tasks, "scores": scores, "detail": detail}

@@ -1,6 +1,8 @@
 """`python -m jobs.serve`: deploy serving applications onto a running Ray cluster.
 
     python -m jobs.serve deploy --address GCS_ADDRESS --config FILE.json
+    python -m jobs.serve status --address GCS_ADDRESS          {"apps": {app: status}, "gpus": N} as JSON
+    python -m jobs.serve delete --address GCS_ADDRESS [--app NAME]... [--prefix SERVICE]
     python -m jobs.serve standalone --model-dir DIR --version V [--host H] [--port P]
 
 `deploy` reads one JSON config:
@@ -12,7 +14,8 @@
 It starts Serve's HTTP proxy if needed, runs the application (waiting until it is healthy)
 and exits; the application outlives this process. A router that listens beyond loopback is
 refused without a token; the token is read from the environment and only its SHA-256
-digest is handed to the router. Exit 2: bad config; 1: the application failed to start.
+digest is handed to the router. So is the admin token ($LLMCTL_SERVE_ADMIN_TOKEN) that
+guards the router's /admin routes. Exit 2: bad config; 1: the application failed to start.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def deploy(cfg: dict, address: str) -> dict:
             raise ValueError(f"serving on {host} (beyond loopback) requires a token in ${cfg.get('token_env')}")
         dep = dict(cfg["deployment"])
         dep["token_sha256"] = token_digest(token) if token else None
+        admin = os.environ.get("LLMCTL_SERVE_ADMIN_TOKEN")
+        dep["admin_token_sha256"] = token_digest(admin) if admin else None
         app = router_app(dep)
     elif cfg["kind"] == "version":
         app = version_app(
@@ -53,10 +58,31 @@ def deploy(cfg: dict, address: str) -> dict:
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": host, "port": int(http.get("port", 8000))})
     serve.run(app, name=cfg["app_name"], route_prefix=cfg.get("route_prefix"), blocking=False)
-    result = {"app_name": cfg["app_name"], "status": "running"}
-    if cfg["kind"] == "router":
-        result["info"] = serve.get_app_handle(cfg["app_name"]).info.remote().result(timeout_s=30)
-    return result
+    return {"app_name": cfg["app_name"], "status": "running"}
+
+
+def status(address: str) -> dict:
+    import ray
+    from ray import serve
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    apps = serve.status().applications
+    return {
+        "apps": {name: str(getattr(app.status, "value", app.status)) for name, app in apps.items()},
+        "gpus": ray.cluster_resources().get("GPU", 0),
+    }
+
+
+def delete(address: str, names: list[str], prefix: str | None) -> dict:
+    import ray
+    from ray import serve
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    apps = set(serve.status().applications)
+    chosen = [n for n in apps if n in names or (prefix and (n == prefix or n.startswith(f"{prefix}--")))]
+    for name in chosen:
+        serve.delete(name, _blocking=True)
+    return {"deleted": sorted(chosen)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--address", required=True)
     d.add_argument("--config", required=True, type=Path)
     d.add_argument("--out", type=Path, default=None)
+    st = sub.add_parser("status")
+    st.add_argument("--address", required=True)
+    de = sub.add_parser("delete")
+    de.add_argument("--address", required=True)
+    de.add_argument("--app", action="append", default=[])
+    de.add_argument("--prefix", default=None)
     s = sub.add_parser("standalone")
     s.add_argument("--model-dir", required=True)
     s.add_argument("--version", required=True)
@@ -77,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.serve.standalone import run_standalone
 
         return run_standalone(args.model_dir, args.version, args.host, args.port, args.engine)
+    if args.cmd in ("status", "delete"):
+        try:
+            result = status(args.address) if args.cmd == "status" else delete(args.address, args.app, args.prefix)
+        except Exception as exc:
+            print(f"error: {args.cmd}: {type(exc).__name__}: {str(exc)[:1000]}", file=sys.stderr)
+            return 1
+        print(json.dumps(result))
+        return 0
     try:
         cfg = json.loads(args.config.read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -6,8 +6,9 @@
 
 Versions live in applications of their own, so a candidate is added and removed without
 touching the stable one; the router sends each request to a version drawn by weight and
-measures what the client sees. Weights change through `Router.set_weights` (a handle call),
-atomically for all new requests.
+measures what the client sees. The control plane changes weights and reads windows over
+HTTP (`<prefix>/admin/...`, an admin token whose digest the router holds), so it needs no
+Ray driver of its own; a weight change applies atomically to all new requests.
 
 Drill switch (documented fault injection for canary drills and tests): a version's
 `drill: {"error_rate": 0.3, "delay_s": 1.5, "seed": 0}` makes its replicas raise on that
@@ -18,6 +19,7 @@ fault. Leave it empty in production.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections import Counter
@@ -28,7 +30,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from jobs.serve.engine import load_engine
+from jobs.serve.engine import load_engine, vllm_status
 from jobs.serve.metrics import ServeMetrics
 from jobs.serve.openai import BadRequest, authorized, completion_response, error_body, parse_completion_request
 
@@ -44,6 +46,9 @@ class ModelServer:
     def __init__(self, cfg: dict[str, Any]):
         self.version = cfg["version"]
         self.engine = load_engine(cfg["model_dir"], cfg.get("engine", "auto"), cfg.get("device", "auto"))
+        vllm_ok, why = vllm_status()
+        note = "" if vllm_ok or self.engine.name == "vllm" else f" ({why})"
+        logging.getLogger("ray.serve").info(f"{self.version}: engine {self.engine.name} on {self.engine.device}{note}")
         drill = cfg.get("drill") or {}
         self.error_rate = float(drill.get("error_rate", 0.0))
         self.delay_s = float(drill.get("delay_s", 0.0))
@@ -60,7 +65,12 @@ class ModelServer:
         return completion_response(self.version, results)
 
     async def describe(self) -> dict[str, Any]:
-        return {"version": self.version, "engine": self.engine.name, "device": self.engine.device}
+        return {
+            "version": self.version,
+            "engine": self.engine.name,
+            "device": self.engine.device,
+            "vllm": vllm_status()[1],
+        }
 
 
 @serve.deployment(name="Router", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
@@ -70,6 +80,7 @@ class Router:
     def __init__(self, cfg: dict[str, Any]):
         self.service = cfg["service"]
         self.token_digest = cfg.get("token_sha256")
+        self.admin_digest = cfg.get("admin_token_sha256")
         self.metrics = ServeMetrics()
         m = cfg.get("metrics") or {}
         self.metrics_port = self.metrics.serve(m.get("host", "127.0.0.1"), int(m.get("port", 0)))
@@ -129,8 +140,28 @@ class Router:
             return None
         return self.rng.choices([v for v, _ in live], weights=[w for _, w in live])[0]
 
+    async def _admin(self, request: Request, path: str) -> JSONResponse:
+        """The control plane's API: /admin/info, /admin/stats?version=&since=, POST /admin/weights."""
+        if not self.admin_digest or not authorized(request.headers.get("authorization"), self.admin_digest):
+            return JSONResponse(error_body("missing or invalid admin token", "unauthorized", 401), 401)
+        action = path.rsplit("/admin/", 1)[1]
+        try:
+            if action == "info":
+                return JSONResponse(await self.info())
+            if action == "stats":
+                q = request.query_params
+                return JSONResponse(await self.stats(q["version"], float(q.get("since", 0))))
+            if action == "weights" and request.method == "POST":
+                body = await request.json()
+                return JSONResponse({"since": await self.set_weights(body["routes"], body.get("rollout_id"))})
+        except (KeyError, ValueError, TypeError) as exc:
+            return JSONResponse(error_body(f"bad admin request: {exc}", "invalid_request_error", 400), 400)
+        return JSONResponse(error_body(f"no admin route {action}", "not_found", 404), 404)
+
     async def __call__(self, request: Request) -> JSONResponse:
         path = request.url.path.rstrip("/")
+        if "/admin/" in path:
+            return await self._admin(request, path)
         if path.endswith("/health") or path == "":
             ok = any(r["weight"] > 0 for r in self.routes.values())
             return JSONResponse({"status": "ok" if ok else "no-routes", "service": self.service}, 200 if ok else 503)

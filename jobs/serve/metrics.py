@@ -75,6 +75,13 @@ class ServeMetrics:
             self._server.server_close()
             self._server = None
 
+    def declare(self, version: str) -> None:
+        """Create a version's series at zero, so Prometheus' increase() counts its first requests."""
+        for code in ("200", "500"):
+            self.requests.labels(version=version, code=code)
+        self.duration.labels(version=version)
+        self.tokens.labels(version=version)
+
     def observe(self, version: str, code: int, seconds: float, completion_tokens: int = 0) -> None:
         self.requests.labels(version=version, code=str(code)).inc()
         if version != "none":
@@ -89,6 +96,7 @@ class ServeMetrics:
             if version not in ratios:
                 self.traffic.labels(rollout_id=rollout_id, version=version).set(0.0)
         for version, ratio in ratios.items():
+            self.declare(version)
             self.traffic.labels(rollout_id=rollout_id, version=version).set(ratio)
 
     def window(self, version: str, since: float) -> dict[str, Any]:

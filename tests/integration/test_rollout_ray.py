@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from serving_factory import make_run
 
 from controlplane.context import Context
 from controlplane.rollout import store
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.ray_backend import RayServeBackend
 from controlplane.spec import DrillSpec, EvalFiles, EvalMinimums, RolloutSpec, ServeOptions
+from tests.serving_factory import make_run
 
 pytestmark = pytest.mark.integration
 RUN = "canary"
@@ -50,11 +50,11 @@ def cluster(home):
 
     old = os.environ.get("LLMCTL_HOME")
     os.environ["LLMCTL_HOME"] = str(home)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     ctx = Context.load()
     make_run(ctx, RUN, steps=(10, 20, 30, 40, 50))
     port = free_port()
-    backend = RayServeBackend()
+    backend = RayServeBackend(ctx.cluster)
     base = dict(
         name="svc",
         replicas=2,

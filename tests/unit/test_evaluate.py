@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 
-from serving_factory import make_run
 from typer.testing import CliRunner
 
 from controlplane.cli.main import app
 from controlplane.context import Context
 from controlplane.rollout import store
+from tests.serving_factory import make_run
 
 
 def test_eval_cli_records_scores(tmp_path):

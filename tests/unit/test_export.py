@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serving_factory import make_run
 from typer.testing import CliRunner
 
 from controlplane.cli.main import app
@@ -15,6 +14,7 @@ from controlplane.context import Context
 from controlplane.errors import NotFoundError
 from controlplane.rollout.export import export_checkpoint, resolve_model
 from controlplane.rundir import RunDir
+from tests.serving_factory import make_run
 
 
 def test_export_newest_verified_loads_with_transformers():
@@ -64,3 +64,26 @@ def test_export_errors_are_one_line():
     shutil.rmtree(rd.checkpoints / "step_000000010")
     with pytest.raises(NotFoundError):
         export_checkpoint(rd)
+
+
+def test_export_of_a_dataset_prepared_by_llmctl_data(tmp_path):
+    """The real `data prepare` tokenizer (its <|bos|>/<|endoftext|> ids in meta.json) round-trips."""
+    from transformers import AutoTokenizer
+
+    from controlplane.data import prepare
+
+    src = tmp_path / "corpus"
+    src.mkdir()
+    lines = ["日本語の文章です。マニュアルページを読みます。", "富士山は高い山です。", "猫は魚が好きです。"]
+    for i in range(30):
+        (src / f"doc{i}.txt").write_text(lines[i % 3] * (1 + i % 4), encoding="utf-8")
+    ctx = Context.load()
+    dataset = ctx.storage / "datasets" / "test-ja"
+    meta = prepare(src, dataset, vocab_size=300, heldout_fraction=0.1, seed=0)
+    make_run(ctx, "real-data", steps=(10,))
+    exported = export_checkpoint(RunDir.of(ctx.storage, "real-data"))
+    tok = AutoTokenizer.from_pretrained(str(exported.model_dir))
+    assert tok.bos_token_id == meta["bos_id"] and tok.eos_token_id == meta["eos_id"]
+    assert tok.bos_token == "<|bos|>" and tok.eos_token == "<|endoftext|>"
+    config = json.loads((exported.model_dir / "config.json").read_text())
+    assert config["eos_token_id"] == meta["eos_id"] and config["bos_token_id"] == meta["bos_id"]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from k8s_fake import FakeCluster
-from serving_factory import make_run
 
 from controlplane.context import Context
 from controlplane.rollout import store
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.k8s_backend import SERVICE_LABEL, KubernetesBackend, split_replicas
 from controlplane.spec import DrillSpec, RolloutSpec
+from tests.k8s_fake import FakeCluster
+from tests.serving_factory import make_run
 
 
 @pytest.fixture

@@ -56,3 +56,15 @@ def test_gate():
     missing = gate(mins, {"jcommonsenseqa_accuracy": 0.9})
     assert not missing.passed and missing.failures == ["heldout_perplexity not measured"]
     assert gate({"jcommonsenseqa_accuracy": None}, {}).passed
+
+
+def test_gate_reuses_an_evaluation_only_with_the_same_setup():
+    from controlplane.rollout.controller import _same_setup
+    from controlplane.spec import EvalFiles
+
+    detail = {"limit": None, "jcommonsenseqa": {"file": "/x/jobs/evaluate/samples/jcommonsenseqa.jsonl", "k": 3}}
+    assert _same_setup(detail, EvalFiles(), ["jcommonsenseqa"])
+    assert not _same_setup(detail, EvalFiles(jcommonsenseqa_k=0), ["jcommonsenseqa"])
+    assert not _same_setup(detail, EvalFiles(limit=5), ["jcommonsenseqa"])
+    assert not _same_setup(detail, EvalFiles(jcommonsenseqa="/data/jglue/valid-v1.1.json"), ["jcommonsenseqa"])
+    assert _same_setup({"limit": None}, EvalFiles(), ["heldout"])

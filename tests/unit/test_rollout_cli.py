@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from k8s_fake import FakeCluster
-from serving_factory import make_run
 from typer.testing import CliRunner
 
 from controlplane.cli.main import app
@@ -14,6 +12,8 @@ from controlplane.rollout import store
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.k8s_backend import KubernetesBackend
 from controlplane.spec import RolloutSpec
+from tests.k8s_fake import FakeCluster
+from tests.serving_factory import make_run
 
 runner = CliRunner()
 
@@ -84,3 +84,18 @@ def test_operator_abort_and_promote(monkeypatch):
     assert r.exit_code == 0 and "promoted by operator" in r.output
     r = runner.invoke(app, ["rollout", "status", "nope"])
     assert r.exit_code == 2 and "no such rollout" in r.output
+
+
+def test_ray_address_is_never_guessed(monkeypatch):
+    import pytest
+
+    from controlplane.errors import UserError
+    from controlplane.rollout.ray_backend import resolve_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cluster = Context.load().cluster
+    with pytest.raises(UserError, match="not connected to a Ray cluster"):
+        resolve_address(cluster)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert resolve_address(cluster) == ("10.0.0.5:6379", {})
+    assert resolve_address(cluster, "1.2.3.4:6379") == ("1.2.3.4:6379", {})
