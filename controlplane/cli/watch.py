@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from controlplane.cli.common import err, human_duration
+from controlplane.cli.common import err
 from controlplane.context import Context
 from controlplane.rundir import EventTail, RunDir
 from controlplane.runs import load_run_spec, summarize
@@ -65,7 +65,5 @@ def _watch(ctx: Context, run_id: str, reconcile: Callable[[str], object], poll_s
 
 def _describe(ev: dict) -> str:
     if ev.get("type") == "worker_replaced":
-        return (
-            f"rank {ev.get('rank')} replaced in {human_duration(ev.get('recovery_s'))} ({ev.get('recovery_s', 0):.2f}s)"
-        )
+        return f"rank {ev.get('rank')} replaced in {ev.get('recovery_s', 0):.2f}s from a {ev.get('from', '?')} worker"
     return f"{ev.get('kind')} rank={ev.get('rank')} step={ev.get('step')} {ev.get('detail', '')}"
