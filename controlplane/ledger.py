@@ -113,6 +113,84 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX supervisor_decisions_run ON supervisor_decisions(run_id, id);
         """,
     ),
+    (
+        # Energy accounting per run (controlplane/telemetry/energy.py reads and writes it).
+        "0003_telemetry",
+        """
+        CREATE TABLE run_energy (
+            run_id            TEXT PRIMARY KEY REFERENCES runs(run_id),
+            gpus              INTEGER NOT NULL,
+            gpu_seconds       REAL NOT NULL,
+            gpu_joules        REAL NOT NULL,
+            counter_joules    REAL,
+            integrated_joules REAL,
+            disagreement      REAL,
+            tokens            INTEGER,
+            joules_per_token  REAL,
+            gpu_kwh           REAL NOT NULL,
+            facility_kwh      REAL NOT NULL,
+            co2e_kg           REAL NOT NULL,
+            avg_power_w       REAL,
+            pue               REAL NOT NULL,
+            carbon_intensity  REAL NOT NULL,
+            power_json        TEXT NOT NULL DEFAULT '[]',
+            detail_json       TEXT NOT NULL DEFAULT '{}',
+            updated_at        REAL NOT NULL
+        )
+        """,
+    ),
+    (
+        "0004_rollout",
+        """
+        CREATE TABLE evaluations (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            model_dir   TEXT NOT NULL,
+            run_id      TEXT,
+            step        INTEGER,
+            tasks_json  TEXT NOT NULL DEFAULT '[]',
+            scores_json TEXT NOT NULL DEFAULT '{}',
+            detail_json TEXT NOT NULL DEFAULT '{}',
+            created_at  REAL NOT NULL
+        );
+        CREATE TABLE services (
+            name        TEXT PRIMARY KEY,
+            backend     TEXT NOT NULL,
+            stable_version TEXT,
+            stable_model TEXT,
+            info_json   TEXT NOT NULL DEFAULT '{}',
+            updated_at  REAL NOT NULL
+        );
+        CREATE TABLE rollouts (
+            rollout_id  TEXT PRIMARY KEY,
+            name        TEXT NOT NULL,
+            backend     TEXT NOT NULL,
+            state       TEXT NOT NULL,
+            request     TEXT,
+            spec_json   TEXT NOT NULL,
+            stable_version TEXT,
+            candidate_version TEXT,
+            candidate_model TEXT,
+            evaluation_id INTEGER,
+            traffic_percent INTEGER NOT NULL DEFAULT 0,
+            reason      TEXT,
+            created_at  REAL NOT NULL,
+            updated_at  REAL NOT NULL
+        );
+        CREATE TABLE rollout_decisions (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            rollout_id  TEXT NOT NULL REFERENCES rollouts(rollout_id),
+            step_index  INTEGER,
+            traffic_percent INTEGER,
+            action      TEXT NOT NULL,
+            reason      TEXT NOT NULL,
+            figures_json TEXT NOT NULL DEFAULT '{}',
+            at          REAL NOT NULL
+        );
+        CREATE INDEX evaluations_model ON evaluations(model_dir, id);
+        CREATE INDEX rollouts_name ON rollouts(name, created_at);
+        CREATE INDEX rollout_decisions_rollout ON rollout_decisions(rollout_id, id);
+        """,
+    ),
 ]
 
 

@@ -92,12 +92,12 @@ def step_data(q: Quickstart) -> None:
 
 def step_train(q: Quickstart) -> None:
     from controlplane.cli.watch import watch_run
-    from controlplane.runs import create_run, launch_attempt, summarize
+    from controlplane.runs import create_run, start_run, summarize
 
     spec = default_run_spec(q.steps, q.inject_fault)
     run_dir = create_run(q.ctx, spec)
     q.run_id = run_dir.run_id
-    launch_attempt(q.ctx, q.run_id, "submitted")
+    start_run(q.ctx, q.run_id)
     code = watch_run(q.ctx, q.run_id)
     s = summarize(run_dir.events(), spec.train.steps)
     q.failed = code != 0
@@ -112,10 +112,49 @@ def step_train(q: Quickstart) -> None:
         )
 
 
+def step_goodput(q: Quickstart) -> None:
+    from controlplane.supervisor.metrics import run_goodput
+
+    g = run_goodput(q.ctx, q.ctx.ledger.get_run(q.run_id))
+    lost = ", ".join(
+        f"{k.replace('_', ' ')} {v:.1f}s"
+        for k, v in sorted(g.seconds.items(), key=lambda kv: -kv[1])
+        if k != "productive" and v >= 0.05
+    )
+    q.summary.append(f"goodput      {g.ratio:.1%} of {g.wall_s:.0f}s wall time" + (f"; lost: {lost}" if lost else ""))
+
+
+def step_energy(q: Quickstart) -> None:
+    from controlplane.telemetry.energy import run_energy_summary
+
+    q.summary.append(f"energy       {run_energy_summary(q.ctx, q.run_id)}")
+
+
+PROMPTS = ["ファイルを", "このコマンドは", "オプション"]
+
+
+def step_serve(q: Quickstart) -> None:
+    from controlplane.rollout.quickstart import serve_and_sample
+
+    report: dict[str, Any] = {}
+    texts = serve_and_sample(q.ctx, q.run_id, PROMPTS, max_tokens=16, replicas=2, report=report)
+    scores = report.get("scores", {})
+    shown = ", ".join(f"{k} {v:.3g}" for k, v in scores.items() if isinstance(v, (int, float)))
+    q.summary.append(f"evaluation   {shown}")
+    q.summary.append(
+        f"serving      rollout {report.get('rollout_id')} promoted to 2 CPU replicas at {report.get('endpoint')}"
+    )
+    for prompt, text in zip(PROMPTS, texts, strict=True):
+        q.summary.append(f"             {prompt!r} -> {(prompt + text).strip()!r}")
+
+
 STEPS: list[Step] = [
     Step("Bringing up the local Ray cluster", step_cluster),
     Step("Preparing the Japanese corpus (manpages-ja)", step_data),
     Step("Pretraining the tiny Llama on 2 CPU workers", step_train),
+    Step("Accounting where the time went", step_goodput, needs_run=True),
+    Step("Accounting the energy", step_energy, needs_run=True),
+    Step("Export, evaluate, roll out to 2 CPU replicas, and ask for completions", step_serve, needs_run=True),
 ]
 
 

@@ -1,8 +1,8 @@
 """Creating runs and launching their attempts: the thin layer between the CLI and Ray.
 
 `create_run` freezes the spec into the run directory and records the run (state `pending`).
-`launch_attempt` records attempt N, moves the fence to N *before* submitting (so an older
-attempt that is still alive stops writing), and submits `<run_id>-a<N>` through the Jobs API.
+`start_run` makes one supervisor pass, which records attempt 1, moves the fence to it and
+submits `<run_id>-a1` through the Jobs API; every later attempt is the supervisor's too.
 `summarize` condenses a run's events for `run status`, `--watch` and the quickstart summary
 (pure; no Ray, no torch).
 """
@@ -10,15 +10,14 @@ attempt that is still alive stops writing), and submits `<run_id>-a<N>` through 
 from __future__ import annotations
 
 import contextlib
-import json
 import secrets
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 from controlplane.context import Context
-from controlplane.errors import UserError
+from controlplane.data import read_meta
+from controlplane.errors import CorruptFileError, UserError
 from controlplane.rundir import RunDir
 from controlplane.spec import RunSpec, dump_spec, read_record
 from controlplane.states import AttemptState, RunState
@@ -28,21 +27,12 @@ def new_run_id(name: str) -> str:
     return f"{name}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def dataset_meta(dataset_dir: Path) -> dict[str, Any]:
-    meta = dataset_dir / "meta.json"
-    try:
-        return json.loads(meta.read_text())
-    except FileNotFoundError:
-        raise UserError(
-            f"data.path: no prepared dataset at {dataset_dir} (run `llmctl data prepare --out {dataset_dir}`)"
-        ) from None
-    except json.JSONDecodeError:
-        raise UserError(f"{meta}: not valid JSON; prepare the dataset again") from None
-
-
 def create_run(ctx: Context, spec: RunSpec, run_id: str | None = None) -> RunDir:
     dataset_dir = ctx.dataset_dir(spec.data.path)
-    dataset_meta(dataset_dir)
+    try:
+        read_meta(dataset_dir)
+    except CorruptFileError as exc:
+        raise UserError(f"data.path: {exc}") from None
     run_id = run_id or new_run_id(spec.name)
     run_dir = ctx.run_dir(run_id).create()
     run_dir.write_spec(
@@ -61,30 +51,17 @@ def load_run_spec(run: dict[str, Any]) -> RunSpec:
     return read_record(RunSpec, run["spec"])
 
 
-def launch_attempt(
-    ctx: Context,
-    run_id: str,
-    cause: str,
-    *,
-    max_resume_step: int | None = None,
-    skip_steps: list[tuple[int, int]] | None = None,
-    client: Any = None,
-) -> int:
-    """Record, fence and submit the next attempt. Returns its number."""
-    from controlplane import ray_cluster
+def start_run(ctx: Context, run_id: str) -> int | None:
+    """One supervisor pass over a new run: it records, fences and submits attempt 1."""
+    from controlplane.supervisor.loop import Supervisor
 
-    run = ctx.ledger.get_run(run_id)
-    run_dir = RunDir(Path(run["run_dir"]))
-    attempt = ctx.ledger.next_attempt(
-        run_id, max_resume_step, {"skip_steps": skip_steps or [], "cause": cause, "max_resume_step": max_resume_step}
-    )
-    run_dir.set_fence(attempt)
-    ctx.ledger.transition(run_id, RunState.PROVISIONING, cause, attempt)
-    sid = ray_cluster.submit_attempt(
-        ctx.cluster, run_dir, attempt, max_resume_step=max_resume_step, skip_steps=skip_steps, client=client
-    )
-    ctx.ledger.update_attempt(run_id, attempt, job_id=sid)
-    return attempt
+    sup = Supervisor(ctx)
+    try:
+        sup.reconcile_run(run_id)
+    finally:
+        sup.close()
+    current = ctx.ledger.current_attempt(run_id)
+    return current["attempt"] if current else None
 
 
 def stop_run(ctx: Context, run_id: str, cause: str = "stopped by user") -> bool:

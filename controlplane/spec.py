@@ -54,6 +54,19 @@ class NodeGroup(StrictModel):
     min_nodes: int | None = Field(
         None, ge=0, description="Autoscaling lower bound (defaults to node_count: no scaling)."
     )
+    gpu_product: str | None = Field(
+        None,
+        description="Value of the GPU product node label on Kubernetes (e.g. 'NVIDIA-A100-SXM4-80GB'); "
+        "null derives it from gpu_model.",
+    )
+    node_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels the group's nodes carry; its pods select them. On-premises you apply them to the "
+        "nodes; in the cloud infra/ applies them.",
+    )
+    instance_type: str | None = Field(
+        None, description="Cloud instance type when kubernetes.cloud is not 'none'; null derives it from gpu_model."
+    )
 
     @model_validator(mode="after")
     def _gpu_consistency(self) -> NodeGroup:
@@ -89,6 +102,34 @@ class NetworkSpec(StrictModel):
     bandwidth_gbps: float = Field(
         25.0, gt=0, description="Per-node inter-node bandwidth, Gb/s (200 for RoCE v2 reference)."
     )
+    rdma_resource: str = Field(
+        "rdma/rdma_shared_device_a",
+        description="Kubernetes extended resource that hands a pod the RDMA devices when rdma is on (the NVIDIA "
+        "network operator's shared device plugin; 'vpc.amazonaws.com/efa' on AWS).",
+    )
+    rdma_devices_per_pod: PositiveInt = Field(1, description="How many rdma_resource units each training pod asks.")
+    nccl_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra NCCL environment for training pods, e.g. NCCL_IB_HCA, NCCL_IB_GID_INDEX=3 for RoCE v2.",
+    )
+    node_cidrs: list[str] = Field(
+        default_factory=list,
+        description="CIDRs of the nodes' own addresses. Required with host_network: host-network pods reach the "
+        "Ray head from these addresses, and infra/'s NetworkPolicy admits only them.",
+    )
+
+    @model_validator(mode="after")
+    def _host_network_needs_cidrs(self) -> NetworkSpec:
+        import ipaddress
+
+        for cidr in self.node_cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"node_cidrs: {cidr!r} is not a CIDR such as 10.0.0.0/16") from None
+        if self.host_network and not self.node_cidrs:
+            raise ValueError("host_network requires node_cidrs (the addresses host-network pods speak from)")
+        return self
 
 
 class RayOptions(StrictModel):
@@ -103,12 +144,59 @@ class RayOptions(StrictModel):
         0, ge=0, le=8, description="Extra local raylet nodes to start beside the head (local kind)."
     )
     image: str = Field("rayproject/ray:2.60.0-py311", description="Container image on Kubernetes.")
+    head_cpus: PositiveInt = Field(8, description="CPU cores of the Ray head pod on Kubernetes (it runs no tasks).")
+    head_memory_gib: PositiveInt = Field(32, description="Memory of the Ray head pod on Kubernetes, GiB.")
+    shm_gib: PositiveInt | None = Field(
+        None, description="Size of /dev/shm in Ray pods on Kubernetes, GiB; null gives a third of the pod's memory."
+    )
 
     @model_validator(mode="after")
     def _loopback_unless_opted_in(self) -> RayOptions:
         if self.dashboard_host not in ("127.0.0.1", "localhost", "::1") and not self.expose_dashboard:
             raise ValueError("dashboard_host beyond loopback requires expose_dashboard: true")
         return self
+
+
+class HelmChart(StrictModel):
+    repo: str = Field(description="Chart repository URL.")
+    chart: str = Field(description="Chart name in the repository.")
+    version: str = Field(description="Pinned chart version.")
+
+
+class HelmCharts(StrictModel):
+    gpu_operator: HelmChart = Field(
+        default_factory=lambda: HelmChart(
+            repo="https://helm.ngc.nvidia.com/nvidia", chart="gpu-operator", version="v25.3.4"
+        ),
+        description="NVIDIA GPU operator (driver, container toolkit, device plugin, DCGM exporter).",
+    )
+    kuberay_operator: HelmChart = Field(
+        default_factory=lambda: HelmChart(
+            repo="https://ray-project.github.io/kuberay-helm/", chart="kuberay-operator", version="1.5.1"
+        ),
+        description="KubeRay operator (RayCluster custom resource).",
+    )
+    kube_prometheus_stack: HelmChart = Field(
+        default_factory=lambda: HelmChart(
+            repo="https://prometheus-community.github.io/helm-charts", chart="kube-prometheus-stack", version="79.5.0"
+        ),
+        description="Prometheus operator, Prometheus, Alertmanager and Grafana.",
+    )
+
+
+class AwsOptions(StrictModel):
+    kubernetes_version: str = Field("1.33", description="EKS Kubernetes version.")
+    vpc_id: str | None = Field(None, description="Existing VPC; null uses the account's default VPC.")
+    subnet_ids: list[str] = Field(
+        default_factory=list, description="Subnets for the cluster and node groups; empty: the VPC's defaults."
+    )
+    endpoint_public_access: bool = Field(
+        False, description="Expose the EKS API endpoint publicly (public_access_cidrs limit who reaches it)."
+    )
+    public_access_cidrs: list[str] = Field(
+        default_factory=list, description="CIDRs allowed to the public API endpoint when it is on."
+    )
+    disk_size_gib: PositiveInt = Field(500, description="Root volume of each node, GiB (images, local scratch).")
 
 
 class KubernetesOptions(StrictModel):
@@ -121,6 +209,44 @@ class KubernetesOptions(StrictModel):
         "none", description="'none' for an existing (on-premises) cluster; 'aws' provisions EKS."
     )
     region: str | None = Field(None, description="Cloud region when cloud is not 'none'.")
+    system_namespace: str = Field(
+        "llmctl-system", pattern=NAME_PATTERN, description="Namespace of the GPU and KubeRay operators."
+    )
+    monitoring_namespace: str = Field(
+        "llmctl-monitoring", pattern=NAME_PATTERN, description="Namespace of Prometheus and Grafana."
+    )
+    charts: HelmCharts = Field(default_factory=HelmCharts, description="Pinned Helm charts infra/ installs.")
+    gpu_driver_installed: bool = Field(
+        False,
+        description="Nodes already carry the NVIDIA driver and container toolkit (DGX OS, cloud GPU images): the "
+        "GPU operator then leaves them alone.",
+    )
+    ray_auth_secret: str = Field(
+        "llmctl-ray-auth",
+        pattern=NAME_PATTERN,
+        description="Secret holding the Ray auth token (key 'auth_token', KubeRay's convention).",
+    )
+    grafana_admin_secret: str = Field(
+        "llmctl-grafana-admin",
+        pattern=NAME_PATTERN,
+        description="Secret holding Grafana's admin user and password (keys 'admin-user', 'admin-password').",
+    )
+    supervisor_image: str = Field(
+        "ghcr.io/llmctl/llmctl:0.1.0", description="Container image with llmctl installed, for the supervisor."
+    )
+    supervisor_command: list[str] = Field(
+        default_factory=lambda: ["llmctl", "supervise"],
+        min_length=1,
+        description="Command of the supervisor container; it finds the cluster spec in $LLMCTL_CLUSTER.",
+    )
+    serve_port: int = Field(8000, ge=1, le=65535, description="Port serving pods listen on (HTTP).")
+    aws: AwsOptions = Field(default_factory=AwsOptions, description="EKS options when cloud is 'aws'.")
+
+    @model_validator(mode="after")
+    def _cloud_needs_region(self) -> KubernetesOptions:
+        if self.cloud != "none" and not self.region:
+            raise ValueError(f"region is required when cloud is {self.cloud!r}")
+        return self
 
 
 class ClusterSpec(StrictModel):
@@ -461,6 +587,44 @@ class EvalMinimums(StrictModel):
     max_heldout_perplexity: float | None = Field(None, gt=0, description="Maximum held-out perplexity.")
 
 
+class EvalFiles(StrictModel):
+    jcommonsenseqa: str | None = Field(
+        None, description="JCommonsenseQA file (JGLUE JSON lines); null for the bundled sample."
+    )
+    jsquad: str | None = Field(None, description="JSQuAD file (JGLUE SQuAD-style JSON); null for the bundled sample.")
+    jcommonsenseqa_k: int = Field(3, ge=0, le=16, description="JCommonsenseQA shots.")
+    jsquad_k: int = Field(2, ge=0, le=16, description="JSQuAD shots.")
+    limit: PositiveInt | None = Field(None, description="Evaluate only the first N items of each task.")
+
+
+class DrillSpec(StrictModel):
+    """A real fault the candidate's replicas inject into themselves (canary drills, tests)."""
+
+    error_rate: float = Field(0.0, ge=0, le=1, description="Fraction of requests that raise a server error.")
+    delay_s: float = Field(0.0, ge=0, le=60, description="Seconds each request sleeps before generating.")
+    seed: int = Field(0, ge=0, description="Seed of the error draw.")
+
+
+class ServeOptions(StrictModel):
+    host: str = Field(
+        "127.0.0.1",
+        description="Bind address of the HTTP endpoint. Beyond loopback a bearer token is required "
+        "(from the environment variable named by token_env).",
+    )
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the serving endpoint.")
+    token_env: str = Field("LLMCTL_SERVE_TOKEN", description="Environment variable holding the bearer token.")
+    metrics_host: str = Field("127.0.0.1", description="Bind address of the llmctl_serve_* metrics endpoint.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Metrics port; 0 picks a free one (recorded).")
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="'auto': vLLM when it and a GPU are present, transformers otherwise."
+    )
+    cpus_per_replica: float = Field(1.0, gt=0, le=64, description="CPUs per replica (CPU-only hosts).")
+    image: str = Field("llmctl/serve:0.1.0", description="Container image of a serving pod (kubernetes backend).")
+    model_volume_claim: str | None = Field(
+        None, description="PersistentVolumeClaim holding exported models (kubernetes backend)."
+    )
+
+
 class RolloutSpec(StrictModel):
     name: str = Field(pattern=NAME_PATTERN, description="Rollout (service) name.")
     model: str = Field(description="Exported model directory, or RUN_ID[@STEP] to export first.")
@@ -476,6 +640,17 @@ class RolloutSpec(StrictModel):
     max_p99_latency_s: float = Field(2.0, gt=0, description="Highest candidate p99 latency allowed, s.")
     max_latency_ratio: float = Field(1.5, ge=1, description="Candidate p99 over stable p99 allowed.")
     min_eval: EvalMinimums = Field(default_factory=EvalMinimums, description="The evaluation gate.")
+    eval: EvalFiles = Field(default_factory=EvalFiles, description="Task files of the gate's evaluation.")
+    latency_slack_s: float = Field(
+        0.05, ge=0, description="A p99 gap to stable below this many seconds never fails the ratio test."
+    )
+    insufficient_traffic_factor: float = Field(
+        4.0, ge=1, description="With too few requests, wait up to this many windows, then roll back."
+    )
+    deploy_timeout_s: float = Field(600.0, gt=0, description="Seconds a version may take to become ready.")
+    drain_s: float = Field(2.0, ge=0, description="Seconds a version keeps serving in-flight requests after 0%.")
+    serve: ServeOptions = Field(default_factory=ServeOptions, description="Endpoint, engine and resources.")
+    drill: DrillSpec | None = Field(None, description="Fault drill for the candidate; null in production.")
 
     @model_validator(mode="after")
     def _ascending(self) -> RolloutSpec:

@@ -13,14 +13,20 @@ import typer
 from controlplane import __version__
 from controlplane.cli import (
     cluster_cmd,
+    dashboards_cmd,
     data_cmd,
     doctor_cmd,
+    eval_cmd,
+    infra_cmd,
     node_cmd,
     plan_cmd,
+    rollout_cmd,
     run_cmd,
+    runbook_cmd,
     simulate_cmd,
     spec_cmd,
     supervise_cmd,
+    telemetry_cmd,
 )
 from controlplane.cli.common import ClusterOpt, LlmctlGroup, err, out
 
@@ -41,6 +47,12 @@ app.command("plan")(plan_cmd.plan)
 app.command("simulate")(simulate_cmd.simulate)
 app.add_typer(node_cmd.app, name="node")
 app.command("supervise")(supervise_cmd.supervise)
+app.add_typer(telemetry_cmd.app, name="telemetry")
+app.add_typer(infra_cmd.app, name="infra")
+app.add_typer(dashboards_cmd.app, name="dashboards")
+app.add_typer(runbook_cmd.app, name="runbook")
+app.add_typer(eval_cmd.app, name="eval")
+app.add_typer(rollout_cmd.app, name="rollout")
 
 
 @app.command()

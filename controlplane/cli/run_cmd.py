@@ -46,20 +46,35 @@ def submit(
     watch: Annotated[
         bool, typer.Option("--watch", "-w", help="Supervise in the foreground with a progress bar.")
     ] = False,
+    supervise: Annotated[
+        bool,
+        typer.Option("--supervise/--no-supervise", help="Without --watch: start a background supervisor if none runs."),
+    ] = True,
     cluster: ClusterOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Record a run and submit its first attempt to the Ray cluster."""
-    from controlplane.runs import create_run, launch_attempt
+    from controlplane.runs import create_run, start_run
 
     spec = load_spec(RunSpec, spec_file)
     ctx = Context.load(cluster)
     run_dir = create_run(ctx, spec)
-    attempt = launch_attempt(ctx, run_dir.run_id, "submitted")
+    attempt = start_run(ctx, run_dir.run_id)
+    supervisor = None
+    if not watch and supervise:
+        from controlplane.cli.supervise_cmd import ensure_supervisor
+
+        supervisor, _ = ensure_supervisor(ctx, cluster)
     if json_:
-        emit_json({"run_id": run_dir.run_id, "attempt": attempt, "run_dir": str(run_dir.path)})
+        emit_json(
+            {"run_id": run_dir.run_id, "attempt": attempt, "run_dir": str(run_dir.path), "supervisor_pid": supervisor}
+        )
     else:
         out.print(f"run {run_dir.run_id} submitted (attempt {attempt}); run dir {run_dir.path}")
+        if supervisor:
+            out.print(
+                f"supervised in the background (pid {supervisor}); follow with `llmctl run watch {run_dir.run_id}`"
+            )
     if watch:
         from controlplane.cli.watch import watch_run
 
@@ -237,6 +252,10 @@ def stop(run_id: RunArg, cluster: ClusterOpt = None) -> None:
 
 
 # Verbs defined in other modules are attached here, one line each:
+from controlplane.cli.export_cmd import run_export  # noqa: E402
 from controlplane.cli.supervise_cmd import run_goodput  # noqa: E402
+from controlplane.cli.telemetry_cmd import run_energy  # noqa: E402
 
 app.command("goodput")(run_goodput)
+app.command("energy")(run_energy)
+app.command("export")(run_export)

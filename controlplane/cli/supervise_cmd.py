@@ -31,25 +31,12 @@ def supervise(
     detach: Annotated[bool, typer.Option("--detach", help="Run in the background; log to <storage>/logs/.")] = False,
 ) -> None:
     """Keep every live run going: restart failures, detect hangs, roll back NaNs, exclude bad nodes."""
-    from controlplane.supervisor.loop import Supervisor, SupervisorLock
+    from controlplane.supervisor.loop import Supervisor
 
     ctx = Context.load(cluster)
     if detach:
-        lock = SupervisorLock(ctx.storage)
-        lock.acquire()  # fail here, in the foreground, if one is already running
-        lock.release()
-        log_file = ctx.storage / "logs" / "supervisor.log"
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-m", "controlplane", "supervise", "--interval", str(interval)]
-        if cluster:
-            args += ["--cluster", cluster]
-        if metrics_port is not None:
-            args += ["--metrics-port", str(metrics_port)]
-        with open(log_file, "ab") as f:
-            proc = subprocess.Popen(
-                args, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        out.print(f"supervisor started (pid {proc.pid}); log {log_file}")
+        pid = start_detached(ctx, cluster, interval, metrics_port)
+        out.print(f"supervisor started (pid {pid}); log {ctx.storage / 'logs' / 'supervisor.log'}")
         return
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     sup = Supervisor(ctx, exclusive=True)
@@ -74,6 +61,37 @@ def supervise(
         if server is not None:
             server.shutdown()
         sup.close()
+
+
+def start_detached(ctx: Context, cluster: str | None, interval: float = 2.0, metrics_port: int | None = None) -> int:
+    """Start `llmctl supervise` in the background; SupervisorBusy if one already runs here."""
+    from controlplane.supervisor.loop import SupervisorLock
+
+    lock = SupervisorLock(ctx.storage)
+    lock.acquire()  # fail here, in the foreground, if one is already running
+    lock.release()
+    log_file = ctx.storage / "logs" / "supervisor.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "controlplane", "supervise", "--interval", str(interval)]
+    if cluster:
+        args += ["--cluster", cluster]
+    if metrics_port is not None:
+        args += ["--metrics-port", str(metrics_port)]
+    with open(log_file, "ab") as f:
+        proc = subprocess.Popen(
+            args, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    return proc.pid
+
+
+def ensure_supervisor(ctx: Context, cluster: str | None) -> tuple[int | None, bool]:
+    """(pid, started): the supervisor running on this storage root, started in the background if none."""
+    from controlplane.supervisor.loop import SupervisorBusy, SupervisorLock
+
+    try:
+        return start_detached(ctx, cluster), True
+    except SupervisorBusy:
+        return SupervisorLock(ctx.storage).holder(), False
 
 
 def run_goodput(

@@ -8,23 +8,27 @@ from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from controlplane.cli.common import err, human_duration
+from controlplane.cli.common import err
 from controlplane.context import Context
 from controlplane.rundir import EventTail, RunDir
 from controlplane.runs import load_run_spec, summarize
 from controlplane.states import RunState
 
 
-def _default_reconcile(ctx: Context) -> Callable[[str], None]:
+def watch_run(ctx: Context, run_id: str, poll_s: float = 1.0) -> int:
+    """Reconcile the run until it ends, drawing step, loss, tokens/s and ETA. Returns an exit code.
+
+    A background supervisor holding the lock keeps reconciling; this one then only draws."""
     from controlplane.supervisor.loop import Supervisor
 
     sup = Supervisor(ctx)
-    return sup.reconcile_run
+    try:
+        return _watch(ctx, run_id, sup.reconcile_run, poll_s)
+    finally:
+        sup.close()
 
 
-def watch_run(ctx: Context, run_id: str, reconcile: Callable[[str], None] | None = None, poll_s: float = 1.0) -> int:
-    """Reconcile the run until it ends, drawing step, loss, tokens/s and ETA. Returns an exit code."""
-    reconcile = reconcile or _default_reconcile(ctx)
+def _watch(ctx: Context, run_id: str, reconcile: Callable[[str], object], poll_s: float) -> int:
     run = ctx.ledger.get_run(run_id)
     run_dir = RunDir(Path(run["run_dir"]))
     total = load_run_spec(run).train.steps
@@ -61,7 +65,5 @@ def watch_run(ctx: Context, run_id: str, reconcile: Callable[[str], None] | None
 
 def _describe(ev: dict) -> str:
     if ev.get("type") == "worker_replaced":
-        return (
-            f"rank {ev.get('rank')} replaced in {human_duration(ev.get('recovery_s'))} ({ev.get('recovery_s', 0):.2f}s)"
-        )
+        return f"rank {ev.get('rank')} replaced in {ev.get('recovery_s', 0):.2f}s from a {ev.get('from', '?')} worker"
     return f"{ev.get('kind')} rank={ev.get('rank')} step={ev.get('step')} {ev.get('detail', '')}"

@@ -1,14 +1,12 @@
 """The job driver: starts the worker actors, runs the step loop, recovers in-attempt.
 
-    python -m jobs.pretrain --run-dir DIR --attempt N [--max-resume-step S] [--skip-steps A:B ...]
-
 Exit codes: 0 succeeded, 3 numerical fault, 75 fenced, anything else a crash (tier 2: the
 supervisor resubmits). See README.md in this package for the recovery protocol.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -21,21 +19,13 @@ from controlplane import checkpoint as ckpt
 from controlplane.rundir import FencedError, RunDir
 from controlplane.spec import RunSpec, read_record
 from jobs.pretrain.events import EXIT_CRASH, EXIT_FENCED, EXIT_NUMERICAL, EXIT_OK, EventLog
-from jobs.pretrain.schedule import NumericGuard, StragglerDetector, parse_skip
+from jobs.pretrain.schedule import NumericGuard, StragglerDetector
 
 DEFAULT_INTERVAL = 25
 PIPELINE_DEPTH = 2
 HB_STALE_S = 6.0
 POLL_S = 0.5
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.pretrain", description="Pretrain a Llama model on Ray.")
-    p.add_argument("--run-dir", required=True, help="The run directory (spec.json inside).")
-    p.add_argument("--attempt", type=int, required=True, help="Attempt number (fencing, fault drills).")
-    p.add_argument("--max-resume-step", type=int, default=None, help="Resume from a checkpoint at or below S.")
-    p.add_argument("--skip-steps", action="append", default=[], help="A:B: skip the batches of steps A..B-1.")
-    return p.parse_args(argv)
+SPARE_START_S = 120.0
 
 
 def checkpoint_interval(run: RunSpec, run_dir: RunDir) -> int:
@@ -105,6 +95,9 @@ class Driver:
         self.step_times: deque[float] = deque(maxlen=50)
         self.t_start = time.time()
         self.pg_timeout_s = ft.hang_timeout_max_s + 60
+        self.ended = False
+        self.injected: dict[tuple[int, int], float] = {}
+        self.metrics_url: str | None = None
 
     # ------------------------------------------------------------------ actors
 
@@ -123,6 +116,7 @@ class Driver:
             "run": self.record["run"],
             "run_id": self.record.get("run_id", self.run_dir.run_id),
             "cluster": (self.record.get("cluster") or {}).get("name", "local"),
+            "cluster_spec": self.record.get("cluster") or {},
             "dataset_dir": self.record["dataset_dir"],
             "run_dir": str(self.run_dir.path),
             "attempt": self.attempt,
@@ -149,11 +143,23 @@ class Driver:
         try:
             return self._run()
         except JobExit as exc:
+            if exc.code != EXIT_FENCED:
+                self._end("failed")
             return exc.code
         except FencedError:
             return EXIT_FENCED
+        except Exception as exc:
+            with contextlib.suppress(FencedError):
+                self.events.emit("failure", kind="driver_error", step=self.step, detail=f"{type(exc).__name__}: {exc}")
+                self._end("failed")
+            raise
         finally:
             self._teardown()
+
+    def _end(self, status: str) -> None:
+        if not self.ended:
+            self.ended = True
+            self.events.emit("end", status=status, step=self.step, loss=self.loss)
 
     def _run(self) -> int:
         import ray
@@ -169,7 +175,9 @@ class Driver:
         for rank, (actor, ref) in enumerate(started):
             i = ray.get(ref, timeout=600)
             self.slots[rank] = Slot(rank, actor, i["pid"], i["node_id"], i["node_ip"])
-        joined = self._form_group()
+        self.metrics_url = self._form_group()[0].get("metrics_url")
+        if self.spares:  # warm means ready: give the spares a bounded time to finish starting
+            ray.wait([ref for _, ref in self.spares], num_returns=len(self.spares), timeout=SPARE_START_S)
         if info is not None:
             ray.get([s.actor.load_checkpoint.remote(str(info.path)) for s in self.slots.values()], timeout=600)
             trainer = _read_json(info.path / "trainer_state.json")
@@ -184,7 +192,7 @@ class Driver:
             ],
             skipped_checkpoints=[[s, why] for s, why in skipped],
             driver_pid=os.getpid(),
-            metrics_url=joined[0].get("metrics_url"),
+            metrics_url=self.metrics_url,
             total_steps=self.total_steps,
             checkpoint_interval=self.interval,
             spare_workers=len(self.spares),
@@ -197,14 +205,21 @@ class Driver:
 
         status = {EXIT_OK: "succeeded", EXIT_FENCED: "fenced"}.get(code, "failed")
         if code != EXIT_FENCED:
-            try:
-                res = ray.get(self.slots[0].actor.shutdown.remote(), timeout=600) if 0 in self.slots else {}
-            except Exception:
-                res = {}
+            # Every worker finishes its work and stops its telemetry (power limits restored);
+            # rank 0 first waits for its background checkpoint write.
+            refs = {r: s.actor.shutdown.remote() for r, s in self.slots.items()}
+            refs.update({-1 - i: actor.shutdown.remote() for i, (actor, _) in enumerate(self.spares)})
+            res: dict[str, Any] = {}
+            for r, ref in refs.items():
+                try:
+                    out = ray.get(ref, timeout=600 if r == 0 else 60)
+                    res = out if r == 0 else res
+                except Exception:
+                    pass
             if code == EXIT_OK and res.get("ckpt_failures"):
                 self.events.emit("failure", kind="checkpoint_error", step=self.step, detail="final checkpoint failed")
                 code, status = EXIT_CRASH, "failed"
-            self.events.emit("end", status=status, step=self.step, loss=self.loss)
+            self._end(status)
         return code
 
     def _teardown(self) -> None:
@@ -230,7 +245,6 @@ class Driver:
         return None
 
     def _loop(self) -> int:
-        ckpt_cfg = self.run.checkpoint
         inflight: deque[tuple[int, dict[int, Any]]] = deque()
         next_step = self.step + 1
         t_prev = time.perf_counter()
@@ -247,34 +261,43 @@ class Driver:
             if dead or any(not r.get("ok") for r in results.values()):
                 if any(r.get("fenced") for r in results.values()):
                     raise JobExit(EXIT_FENCED)
-                self._recover(dead, results, t_detect)
+                replaced, caught_up = self._recover(dead, t_detect)
+                if caught_up:  # completed by the survivors, its results lost with the dead worker
+                    code = self._complete(caught_up[0], caught_up[1], 0.0)
+                    if code is not None:
+                        return code
+                self.pending.extend(replaced)
                 inflight.clear()
                 next_step = self.step + 1
                 t_prev = time.perf_counter()
                 continue
             inflight.popleft()
             now = time.perf_counter()
-            code = self._on_step(step_no, results, now - t_prev)
+            code = self._complete(step_no, results, now - t_prev)
             t_prev = now
             if code is not None:
                 return code
-            if self._drill("exit_driver"):
-                os._exit(1)
-            if self._due(step_no):
-                import ray
-
-                res = ray.get(
-                    self.slots[0].actor.checkpoint.remote(
-                        step_no, self.guard.state(), ckpt_cfg.async_save, ckpt_cfg.keep_last
-                    )
-                )
-                if not res.get("ok"):
-                    self.events.emit("checkpoint_failed", step=step_no, error=res.get("error"))
-                self.interval = checkpoint_interval(self.run, self.run_dir)
         return EXIT_OK
 
+    def _complete(self, step_no: int, results: dict[int, dict[str, Any]], wall_s: float) -> int | None:
+        """Account a completed step; fire the driver drill; checkpoint when due."""
+        import ray
+
+        code = self._on_step(step_no, results, wall_s)
+        if code is not None:
+            return code
+        if self._drill("exit_driver"):
+            os._exit(1)
+        if self._due(step_no):
+            c = self.run.checkpoint
+            res = ray.get(self.slots[0].actor.checkpoint.remote(step_no, self.guard.state(), c.async_save, c.keep_last))
+            if not res.get("ok"):
+                self.events.emit("checkpoint_failed", step=step_no, error=res.get("error"))
+            self.interval = checkpoint_interval(self.run, self.run_dir)
+        return None
+
     def _on_step(self, step_no: int, results: dict[int, dict[str, Any]], wall_s: float) -> int | None:
-        r0 = results[0]
+        r0 = results[min(results)]
         self.step, self.tokens, self.loss = step_no, r0["tokens"], r0["loss"]
         times = [results[r]["compute_s"] for r in sorted(results)]
         step_s = max(results[r]["step_s"] for r in results)
@@ -302,6 +325,7 @@ class Driver:
                 detect_s=round(p.t_detect - p.t_fail, 3),
                 cause=p.cause,
                 step=step_no,
+                metrics_url=self.metrics_url,
                 **{"from": p.source},
             )
         if self.pending:
@@ -342,7 +366,7 @@ class Driver:
             if dead or any(not r.get("ok") for r in results.values()):
                 return results, dead, time.time()
             waited = time.monotonic() - t0
-            if left and waited > max(2 * HB_STALE_S, 3 * self._median_step()):
+            if left and waited > max(HB_STALE_S, 3 * self._median_step()):
                 stale = self._stale_ranks(set(left))
                 if stale:
                     for r in stale:
@@ -364,6 +388,8 @@ class Driver:
     def _stale_ranks(self, ranks: set[int]) -> list[int]:
         for off, ev in self.run_dir.iter_events(self.hb_offset):
             self.hb_offset = off
+            if ev.get("type") == "fault_injected":
+                self.injected[(ev.get("rank"), ev.get("pid"))] = ev["ts"]
             if ev.get("type") == "heartbeat" and ev.get("attempt") == self.attempt:
                 slot = self.slots.get(ev.get("rank"))
                 if slot is not None and ev.get("pid") == slot.pid:
@@ -372,24 +398,34 @@ class Driver:
         return [r for r in sorted(ranks) if now - self.hb.get(r, self.t_start) > HB_STALE_S]
 
     def _injected_at(self, rank: int, pid: int) -> float | None:
-        when = None
-        for _, ev in self.run_dir.iter_events(self.hb_offset):
-            if ev.get("type") == "fault_injected" and ev.get("rank") == rank and ev.get("pid") == pid:
-                when = ev["ts"]
-        return when
+        """When a drill killed or stopped this worker (its own event), if it was a drill."""
+        self._stale_ranks(set())  # reads new events, recording fault_injected ones
+        return self.injected.get((rank, pid))
 
     # ------------------------------------------------------------------ tier-1 recovery
 
-    def _recover(self, dead: dict[int, tuple[str, str]], results: dict[int, dict], t_detect: float) -> None:
+    def _recover(
+        self, dead: dict[int, tuple[str, str]], t_detect: float
+    ) -> tuple[list[Pending], tuple[int, dict[int, dict]] | None]:
+        """Tier 1: replace the dead ranks, re-form the group, copy the state from a survivor.
+
+        Returns the replacements, and the step the survivors completed but the driver never
+        saw (its results died with a worker), if any.
+        """
         import ray
 
-        for rank, (kind, detail) in dead.items():
-            self.events.emit("failure", kind=kind, rank=rank, step=self.step + 1, detail=detail)
-        while True:
-            if len(dead) >= self.world:
-                self.events.emit("end", status="failed", step=self.step, loss=self.loss)
+        fresh: set[int] = set()  # replacements hold no state: never a source
+        replaced: list[Pending] = []
+        survivors: list[int] = []
+        status: dict[int, dict] = {}
+        failures: list[tuple[int, str, str]] = []
+        while dead:
+            failures.extend((r, kind, detail) for r, (kind, detail) in dead.items())
+            survivors = [r for r in self.slots if r not in dead and r not in fresh]
+            if not survivors:
+                self._emit_failures(failures, self.step + 1)
+                self._end("failed")
                 raise JobExit(EXIT_CRASH)
-            replaced: list[Pending] = []
             for rank, (kind, _) in dead.items():
                 old = self.slots[rank]
                 ray.kill(old.actor, no_restart=True)
@@ -398,44 +434,42 @@ class Driver:
                 i = ray.get(actor.info.remote(), timeout=600)
                 self.slots[rank] = Slot(rank, actor, i["pid"], i["node_id"], i["node_ip"])
                 replaced.append(Pending(rank, old.pid, i["pid"], source, t_fail, t_detect, kind))
-            survivors = [r for r in self.slots if r not in dead]
-            status, newly_dead = {}, {}
-            for r in survivors:
+                fresh.add(rank)
+            dead = {}
+            for r in survivors:  # ordered after any step still queued on the survivor
                 try:
                     status[r] = ray.get(self.slots[r].actor.status.remote(), timeout=self.pg_timeout_s)
                 except Exception as exc:
-                    newly_dead[r] = ("worker_died", f"{type(exc).__name__}")
-            if newly_dead:
-                for r, (kind, detail) in newly_dead.items():
-                    self.events.emit("failure", kind=kind, rank=r, step=self.step + 1, detail=detail)
-                dead = {**{p.rank: (p.cause, "") for p in replaced}, **newly_dead}
-                dead = newly_dead  # the replacements above stay; only the newly dead need replacing
-                continue
-            break
+                    dead[r] = ("worker_died", type(exc).__name__)
         src = max(survivors, key=lambda r: status[r]["step"])
-        self._form_group()
-        steps = ray.get([s.actor.sync_state.remote(src) for s in self.slots.values()], timeout=600)
-        self.step = steps[0]
-        ray.get([s.actor.disarm.remote(self.step + 1) for s in self.slots.values()], timeout=60)
+        src_step = status[src]["step"]
+        self._emit_failures(failures, src_step + 1)
+        self.metrics_url = self._form_group()[0].get("metrics_url")
+        ray.get([s.actor.sync_state.remote(src) for s in self.slots.values()], timeout=600)
+        ray.get([s.actor.disarm.remote(src_step + 1) for s in self.slots.values()], timeout=60)
         for p in replaced:
             self.slots[0].actor.note_restart.remote(p.cause)
-        self.pending.extend(replaced)
+        caught_up = None
+        if src_step > self.step:
+            last = {r: status[r]["last"] for r in survivors if (status[r]["last"] or {}).get("step") == src_step}
+            caught_up = (src_step, last)
+        return replaced, caught_up
+
+    def _emit_failures(self, failures: list[tuple[int, str, str]], step: int) -> None:
+        for rank, kind, detail in failures:
+            self.events.emit("failure", kind=kind, rank=rank, step=step, detail=detail)
 
     def _take_spare(self) -> tuple[Any, str]:
+        """A warm spare if there is one (even one still starting beats a new actor), else a new actor."""
         import ray
 
         while self.spares:
             actor, ref = self.spares.pop(0)
-            ready, _ = ray.wait([ref], timeout=0)
-            if ready:
-                try:
-                    ray.get(ref)
-                    return actor, "spare"
-                except Exception:
-                    ray.kill(actor, no_restart=True)
-                    continue
-            self.spares.append((actor, ref))  # still starting: a new worker is no slower
-            break
+            try:
+                ray.get(ref, timeout=600)
+                return actor, "spare"
+            except Exception:
+                ray.kill(actor, no_restart=True)
         actor, _ = self._spawn(drills=False)
         return actor, "new"
 
@@ -448,24 +482,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     import json
 
     return json.loads(path.read_text())
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    run_dir = RunDir(Path(args.run_dir).resolve())
-    try:
-        skips = sorted(parse_skip(s) for s in args.skip_steps)
-    except ValueError as exc:
-        print(f"error: {exc}")
-        return 2
-    try:
-        run_dir.check_fence(args.attempt)
-    except FencedError as exc:
-        print(f"fenced: {exc}")
-        return EXIT_FENCED
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
-    driver = Driver(run_dir, args.attempt, args.max_resume_step, skips)
-    return driver.run_job()

@@ -11,6 +11,7 @@ Rank 0 also serves the metrics and writes checkpoints (copy to host, persist in 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -77,13 +78,47 @@ class TrainWorker:
         self.ckpt_thread: threading.Thread | None = None
         self.ckpt_failures = 0
         self.last_ckpt: dict[str, Any] | None = None
+        self.last_result: dict[str, Any] | None = None
         self.t_attempt = float(job.get("t_start", time.time()))
         self.productive_s = 0.0
         self.t_last_step: float | None = None
         self.node_id = _node_id()
+        self.telemetry = self._start_telemetry()
         self._stop = threading.Event()
         self._hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._hb.start()
+
+    def _start_telemetry(self) -> Any:
+        """GPU claim, power policy and energy meter (no-ops on CPU); never fails the job."""
+        try:
+            from controlplane.spec import ClusterSpec
+            from controlplane.telemetry.worker import start_worker_telemetry
+
+            cluster = read_record(ClusterSpec, self.job.get("cluster_spec") or {})
+            return start_worker_telemetry(
+                self.run.power,
+                self.job["run_dir"],
+                self.attempt,
+                cluster.storage_root(),
+                measure=self._calibration_steps,
+            )
+        except Exception as exc:
+            print(f"telemetry not started: {type(exc).__name__}: {exc}")
+            return None
+
+    def _calibration_steps(self) -> tuple[float, float]:
+        """Power calibration: forward+backward on a fixed batch, no optimizer step (state unchanged)."""
+        per_worker = self.plan.global_batch // self.run.workers.num_workers
+        batch = torch.from_numpy(self.plan.batch(self.tokens, 0, 0, 1)[:per_worker]).to(self.device)
+        t0 = time.perf_counter()
+        for _ in range(self.run.power.calibration_steps):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(input_ids=batch[:, :-1]).logits
+            F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).backward()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return float(self.run.power.calibration_steps * batch.shape[0] * self.plan.seq_len), time.perf_counter() - t0
 
     # ------------------------------------------------------------------ control
 
@@ -101,15 +136,19 @@ class TrainWorker:
             return ip, s.getsockname()[1]
 
     def status(self) -> dict[str, Any]:
-        return {"rank": self.rank, "step": self.counters.step, "broken": self.broken, "pid": os.getpid()}
+        return {
+            "rank": self.rank,
+            "step": self.counters.step,
+            "broken": self.broken,
+            "pid": os.getpid(),
+            "last": self.last_result,
+        }
 
     def join(self, addr: str, port: int, rank: int, world: int, timeout_s: float) -> dict[str, Any]:
         """(Re-)form the process group: a fresh TCP store at addr:port, this replica as `rank`."""
         if dist.is_initialized():
-            try:
+            with contextlib.suppress(Exception):  # a group broken by a dead peer may not tear down cleanly
                 dist.destroy_process_group()
-            except Exception:  # a group broken by a dead peer may not tear down cleanly
-                pass
         if world > 1:
             dist.init_process_group(
                 self.backend,
@@ -176,14 +215,14 @@ class TrainWorker:
         """Finish any background checkpoint write; stop heartbeats and the metrics server."""
         self.flush()
         self._stop.set()
+        if self.telemetry is not None:
+            self.telemetry.stop()
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
         if dist.is_initialized():
-            try:
+            with contextlib.suppress(Exception):
                 dist.destroy_process_group()
-            except Exception:
-                pass
         return {"ckpt_failures": self.ckpt_failures, "last_checkpoint": self.last_ckpt}
 
     # ------------------------------------------------------------------ training
@@ -264,7 +303,7 @@ class TrainWorker:
         if self.metrics is not None:
             self._observe(step_no, loss_value, now, step_s)
         self.t_last_step = now
-        return {
+        self.last_result = {
             "ok": True,
             "rank": self.rank,
             "step": step_no,
@@ -277,6 +316,7 @@ class TrainWorker:
             "ckpt_failures": self.ckpt_failures,
             "fenced": self.fenced,
         }
+        return self.last_result
 
     def _observe(self, step: int, loss: float, now: float, step_s: float) -> None:
         from jobs.pretrain.metrics import peak_flops

@@ -14,7 +14,6 @@ reads back the exact bytes, so there is no source of divergence to tolerate.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,29 +21,25 @@ from pathlib import Path
 import pytest
 
 from controlplane import checkpoint as ckpt
-from controlplane.data import prepare
+from controlplane import ray_cluster
 from controlplane.rundir import RunDir
-from controlplane.spec import ClusterSpec, RunSpec
+from controlplane.spec import ClusterSpec, RunSpec, StorageSpec
 
 pytestmark = pytest.mark.integration
-ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 30
 
 
 @pytest.fixture(scope="module")
-def ray_address():
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    ctx = ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ctx.address_info["gcs_address"]
-    ray.shutdown()
+def ray_env(ray_home):
+    """Environment that connects a driver to the session's local cluster (token auth on)."""
+    state = ray_cluster.read_state(ClusterSpec(storage=StorageSpec(root=str(ray_home))))
+    return {**ray_cluster.ray_env(Path(state.token_file)), "RAY_ADDRESS": state.gcs_address}
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "manpages-ja"
-    prepare("manpages-ja", out, vocab_size=512, seed=0, max_bytes=300_000)
-    return out
+def dataset(dataset_dir):
+    return dataset_dir
 
 
 def make_run(root: Path, dataset: Path, name: str, **overrides) -> RunDir:
@@ -69,8 +64,7 @@ def make_run(root: Path, dataset: Path, name: str, **overrides) -> RunDir:
     return rd
 
 
-def run_job(rd: RunDir, attempt: int, address: str, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RAY_ADDRESS=address)
+def run_job(rd: RunDir, attempt: int, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "jobs.pretrain", "--run-dir", str(rd.path), "--attempt", str(attempt), *extra]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
 
@@ -84,9 +78,9 @@ def final_loss(rd: RunDir) -> float:
 
 
 @pytest.fixture(scope="module")
-def baseline(ray_address, dataset, tmp_path_factory):
+def baseline(ray_env, dataset, tmp_path_factory):
     rd = make_run(tmp_path_factory.mktemp("base"), dataset, "base")
-    proc = run_job(rd, 1, ray_address)
+    proc = run_job(rd, 1, ray_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return rd
 
@@ -116,7 +110,7 @@ def test_tiny_run_writes_events_and_checkpoints(baseline):
 
 
 @pytest.mark.parametrize("spares,rank", [(0, 1), (1, 0)], ids=["new-worker", "warm-spare"])
-def test_killed_worker_is_replaced_in_attempt(baseline, ray_address, dataset, tmp_path, spares, rank):
+def test_killed_worker_is_replaced_in_attempt(baseline, ray_env, dataset, tmp_path, spares, rank):
     rd = make_run(
         tmp_path,
         dataset,
@@ -124,7 +118,7 @@ def test_killed_worker_is_replaced_in_attempt(baseline, ray_address, dataset, tm
         workers={"num_workers": 2, "spare_workers": spares},
         faults=[{"kind": "kill_worker", "at_step": 15, "rank": rank}],
     )
-    proc = run_job(rd, 1, ray_address)
+    proc = run_job(rd, 1, ray_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (failure,) = by_type(rd, "failure")
     assert failure["kind"] == "worker_died" and failure["rank"] == rank and failure["step"] == 15
@@ -136,9 +130,9 @@ def test_killed_worker_is_replaced_in_attempt(baseline, ray_address, dataset, tm
     assert final_loss(rd) == final_loss(baseline)
 
 
-def test_restart_resumes_from_newest_verified_checkpoint(baseline, ray_address, dataset, tmp_path):
+def test_restart_resumes_from_newest_verified_checkpoint(baseline, ray_env, dataset, tmp_path):
     rd = make_run(tmp_path, dataset, "resume", faults=[{"kind": "exit_driver", "at_step": 25, "attempt": 1}])
-    first = run_job(rd, 1, ray_address)
+    first = run_job(rd, 1, ray_env)
     assert first.returncode == 1
     assert ckpt.committed_steps(rd.checkpoints) == [10, 20]
     weights = rd.checkpoints / "step_000000020" / "model.safetensors"
@@ -146,7 +140,7 @@ def test_restart_resumes_from_newest_verified_checkpoint(baseline, ray_address, 
     data[-100] ^= 0xFF  # same size, wrong checksum
     weights.write_bytes(bytes(data))
     rd.set_fence(2)
-    second = run_job(rd, 2, ray_address)
+    second = run_job(rd, 2, ray_env)
     assert second.returncode == 0, second.stderr[-3000:]
     start = by_type(rd, "start")[-1]
     assert start["attempt"] == 2 and start["resume_step"] == 10
@@ -159,9 +153,9 @@ def test_restart_resumes_from_newest_verified_checkpoint(baseline, ray_address, 
     assert all(before[e["step"]] == e["loss"] for e in resumed if e["step"] in before)
 
 
-def test_nan_loss_fails_without_checkpointing_bad_state(ray_address, dataset, tmp_path):
+def test_nan_loss_fails_without_checkpointing_bad_state(ray_env, dataset, tmp_path):
     rd = make_run(tmp_path, dataset, "nan", faults=[{"kind": "nan_loss", "at_step": 10, "rank": 1}])
-    proc = run_job(rd, 1, ray_address)
+    proc = run_job(rd, 1, ray_env)
     assert proc.returncode == 3, proc.stderr[-3000:]
     (failure,) = by_type(rd, "failure")
     assert failure["kind"] == "nan_loss" and failure["step"] == 10
@@ -169,7 +163,7 @@ def test_nan_loss_fails_without_checkpointing_bad_state(ray_address, dataset, tm
     assert by_type(rd, "end")[0]["status"] == "failed"
 
 
-def test_enospc_during_checkpoint_never_leaves_a_loadable_checkpoint(ray_address, dataset, tmp_path):
+def test_enospc_during_checkpoint_never_leaves_a_loadable_checkpoint(ray_env, dataset, tmp_path):
     rd = make_run(
         tmp_path,
         dataset,
@@ -177,7 +171,7 @@ def test_enospc_during_checkpoint_never_leaves_a_loadable_checkpoint(ray_address
         checkpoint={"interval_steps": 10, "async_save": False},
         faults=[{"kind": "checkpoint_enospc", "at_step": 10}],
     )
-    proc = run_job(rd, 1, ray_address)
+    proc = run_job(rd, 1, ray_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (failed,) = by_type(rd, "checkpoint_failed")
     assert failed["step"] == 10 and "No space left on device" in failed["error"]
@@ -186,9 +180,31 @@ def test_enospc_during_checkpoint_never_leaves_a_loadable_checkpoint(ray_address
     assert all(c["async"] is False for c in by_type(rd, "checkpoint"))
 
 
-def test_fenced_attempt_exits_75(ray_address, dataset, tmp_path):
+def test_fenced_attempt_exits_75(ray_env, dataset, tmp_path):
     rd = make_run(tmp_path, dataset, "fenced")
     rd.set_fence(2)
-    proc = run_job(rd, 1, ray_address)
+    proc = run_job(rd, 1, ray_env)
     assert proc.returncode == 75
     assert by_type(rd, "start") == []
+
+
+def test_hung_worker_is_killed_and_replaced_and_straggler_reported(baseline, ray_env, dataset, tmp_path):
+    rd = make_run(
+        tmp_path,
+        dataset,
+        "hang",
+        faults=[
+            {"kind": "hang_worker", "at_step": 8, "rank": 1},
+            {"kind": "slow_worker", "at_step": 20, "rank": 0, "seconds": 0.3},
+        ],
+    )
+    proc = run_job(rd, 1, ray_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (failure,) = by_type(rd, "failure")
+    assert failure["kind"] == "hang" and failure["rank"] == 1 and failure["step"] == 8
+    (rep,) = by_type(rd, "worker_replaced")
+    assert rep["cause"] == "hang" and rep["rank"] == 1
+    assert rep["recovery_s"] >= 6  # the silence that proved the hang counts against recovery
+    stragglers = by_type(rd, "straggler")
+    assert stragglers and all(s["rank"] == 0 and s["step"] >= 22 for s in stragglers)
+    assert final_loss(rd) == final_loss(baseline)

@@ -22,8 +22,9 @@ from controlplane import ray_cluster
 from controlplane.checkpoint import step_dirname
 from controlplane.cli.main import app
 from controlplane.context import Context
-from controlplane.runs import create_run, launch_attempt
+from controlplane.runs import create_run, start_run
 from controlplane.spec import RunSpec
+from controlplane.supervisor.loop import Supervisor
 from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -71,13 +72,13 @@ def test_killed_job_resumes_from_newest_verified_checkpoint(cluster_home, datase
     ctx = Context.load()
     # The uninterrupted reference.
     ref_dir = create_run(ctx, RunSpec.model_validate(tiny_spec("ref", steps=40)))
-    launch_attempt(ctx, ref_dir.run_id, "submitted")
+    start_run(ctx, ref_dir.run_id)
     wait_for(lambda: ref_dir.events({"end"}), 240, "the reference run to end")
     assert ref_dir.events({"end"})[-1]["status"] == "succeeded"
 
     # The same run, killed after its step-20 checkpoint, with that checkpoint then corrupted.
     run_dir = create_run(ctx, RunSpec.model_validate(tiny_spec("killed", steps=40)))
-    launch_attempt(ctx, run_dir.run_id, "submitted")
+    start_run(ctx, run_dir.run_id)
     wait_for(lambda: any(e["step"] >= 20 for e in run_dir.events({"checkpoint"})), 240, "the step-20 checkpoint")
     wait_for(lambda: any(e["step"] >= 25 for e in run_dir.events({"step"})), 120, "step 25")
     start = run_dir.events({"start"})[-1]
@@ -91,8 +92,17 @@ def test_killed_job_resumes_from_newest_verified_checkpoint(cluster_home, datase
     victim = run_dir.checkpoints / step_dirname(newest) / "model.safetensors"
     victim.write_bytes(victim.read_bytes()[:-100])  # torn newest checkpoint: must be skipped
 
-    launch_attempt(ctx, run_dir.run_id, "resubmitted after kill")
-    wait_for(lambda: run_dir.events({"end"}), 240, "the resumed run to end")
+    # The supervisor sees the dead job and resubmits from the newest checkpoint that verifies.
+    sup = Supervisor(ctx)
+    try:
+        wait_for(
+            lambda: sup.reconcile_run(run_dir.run_id) is not None and run_dir.events({"end"}),
+            300,
+            "the resumed run to end",
+            every=1.0,
+        )
+    finally:
+        sup.close()
     start2 = [e for e in run_dir.events({"start"}) if e["attempt"] == 2][-1]
     assert start2["resume_step"] < newest
     assert any(s == newest for s, _ in start2["skipped_checkpoints"])

@@ -1,0 +1,208 @@
+"""Rollouts on a real Ray Serve with real tiny models and real faults.
+
+One Ray instance, one service and one ledger for the module (the stable version carries
+over from test to test, as it would in production); continuous HTTP traffic from threads.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from controlplane.context import Context
+from controlplane.rollout import store
+from controlplane.rollout.controller import RolloutController
+from controlplane.rollout.ray_backend import RayServeBackend
+from controlplane.spec import DrillSpec, EvalFiles, EvalMinimums, RolloutSpec, ServeOptions
+from tests.serving_factory import make_run
+
+pytestmark = pytest.mark.integration
+RUN = "canary"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("rollout-home")
+
+
+@pytest.fixture(autouse=True)
+def llmctl_home(home, monkeypatch):  # overrides the per-test home: the service outlives each test
+    monkeypatch.setenv("LLMCTL_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="module")
+def cluster(home):
+    import ray
+    from ray import serve
+
+    old = os.environ.get("LLMCTL_HOME")
+    os.environ["LLMCTL_HOME"] = str(home)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ctx = Context.load()
+    make_run(ctx, RUN, steps=(10, 20, 30, 40, 50))
+    port = free_port()
+    backend = RayServeBackend(ctx.cluster)
+    base = dict(
+        name="svc",
+        replicas=2,
+        gpus_per_replica=0,
+        traffic_steps=[10, 50, 100],
+        analysis_window_s=2.0,
+        min_requests=8,
+        max_error_rate=0.05,
+        max_p99_latency_s=2.0,
+        max_latency_ratio=3.0,
+        latency_slack_s=0.3,
+        drain_s=0.5,
+        deploy_timeout_s=180,
+        serve=ServeOptions(port=port, cpus_per_replica=0.25),
+    )
+    first = RolloutController(ctx, backend).start(RolloutSpec(model=f"{RUN}@10", **base))
+    assert first["state"] == store.PROMOTED
+    yield ctx, backend, base, f"http://127.0.0.1:{port}/svc/v1/completions"
+    serve.shutdown()
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("LLMCTL_HOME", None)
+    else:
+        os.environ["LLMCTL_HOME"] = old
+
+
+@dataclass
+class Result:
+    start: float
+    end: float
+    code: int
+    version: str | None
+
+
+class Traffic:
+    """Threads that POST completions back to back and record every outcome."""
+
+    def __init__(self, url: str, threads: int = 6):
+        self.url, self.results, self.stop = url, [], threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(threads)]
+
+    def _loop(self, i: int) -> None:
+        with httpx.Client(timeout=30) as client:
+            n = 0
+            while not self.stop.is_set():
+                t0 = time.time()
+                try:
+                    r = client.post(self.url, json={"prompt": f"日本の{i}-{n}", "max_tokens": 4})
+                    code, version = r.status_code, r.headers.get("x-llmctl-version")
+                except httpx.HTTPError:
+                    code, version = 0, None
+                with self.lock:
+                    self.results.append(Result(t0, time.time(), code, version))
+                n += 1
+
+    def __enter__(self) -> Traffic:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+    def between(self, a: float, b: float) -> list[Result]:
+        with self.lock:
+            return [r for r in self.results if r.start >= a and r.end <= b]
+
+
+def stable_of(ctx) -> str:
+    return store.get_service(ctx.ledger, "svc")["stable_version"]
+
+
+def test_candidate_below_minimums_never_serves(cluster):
+    ctx, backend, base, url = cluster
+    stable = stable_of(ctx)
+    spec = RolloutSpec(
+        model=f"{RUN}@20",
+        min_eval=EvalMinimums(jcommonsenseqa_accuracy=0.99),
+        eval=EvalFiles(limit=5),
+        **base,
+    )
+    with Traffic(url, threads=2) as traffic:
+        row = RolloutController(ctx, backend).start(spec)
+        time.sleep(0.5)
+    assert row["state"] == store.REJECTED and "jcommonsenseqa_accuracy" in row["reason"]
+    assert row["evaluation_id"] is not None
+    assert not backend.has_version(spec, "canary-s20")
+    assert backend.window(spec, "canary-s20", 0)["requests"] == 0
+    assert {r.version for r in traffic.results} == {stable}
+    assert all(r.code == 200 for r in traffic.results)
+    assert [d["action"] for d in store.decisions(ctx.ledger, row["rollout_id"])] == ["reject"]
+
+
+@pytest.mark.parametrize(
+    ("step", "drill", "why"),
+    [(30, DrillSpec(error_rate=0.5, seed=1), "error rate"), (50, DrillSpec(delay_s=2.5), "p99")],
+    ids=["errors", "slow"],
+)
+def test_faulty_candidate_rolls_back_while_stable_serves(cluster, step, drill, why):
+    ctx, backend, base, url = cluster
+    stable = stable_of(ctx)
+    spec = RolloutSpec(model=f"{RUN}@{step}", drill=drill, **{**base, "min_requests": 4})
+    with Traffic(url) as traffic:
+        time.sleep(0.5)
+        row = RolloutController(ctx, backend).start(spec)
+        t_end = time.time()
+        time.sleep(1.0)
+    cand = f"canary-s{step}"
+    assert row["state"] == store.ROLLED_BACK, row
+    assert why in row["reason"]
+    decisions = store.decisions(ctx.ledger, row["rollout_id"])
+    assert decisions[-1]["action"] == "rollback" and decisions[-1]["traffic_percent"] == 10
+    assert decisions[-1]["figures"]["candidate"]["requests"] > 0
+    assert stable_of(ctx) == stable and not backend.has_version(spec, cand)
+    # Stable served every request routed to it, before, during and after.
+    to_stable = [r for r in traffic.results if r.version == stable]
+    assert to_stable and all(r.code == 200 for r in to_stable)
+    assert all(r.version in (stable, cand) for r in traffic.results)
+    after = [r for r in traffic.results if r.start > t_end]
+    assert after and all(r.code == 200 and r.version == stable for r in after)
+
+
+def test_healthy_rollout_under_traffic_loses_no_request(cluster):
+    ctx, backend, base, url = cluster
+    old = stable_of(ctx)
+    spec = RolloutSpec(model=f"{RUN}@40", **{**base, "analysis_window_s": 3.0})
+    with Traffic(url) as traffic:
+        time.sleep(0.5)
+        t0 = time.time()
+        row = RolloutController(ctx, backend).start(spec)
+        t1 = time.time()
+        time.sleep(1.0)
+    assert row["state"] == store.PROMOTED, row
+    during = traffic.between(t0, t1)
+    assert len(during) >= 500, f"only {len(during)} requests during the rollout"
+    assert all(r.code == 200 for r in traffic.results), {r.code for r in traffic.results}
+    assert {r.version for r in during} == {old, "canary-s40"}
+    tail = [r for r in traffic.results if r.start > t1]
+    assert tail and all(r.version == "canary-s40" for r in tail)
+    assert stable_of(ctx) == "canary-s40" and not backend.has_version(spec, old)
+    actions = [d["action"] for d in store.decisions(ctx.ledger, row["rollout_id"])]
+    assert actions == ["advance", "advance", "promote"]
+    # The metrics endpoint carries the DESIGN.md names.
+    svc = store.get_service(ctx.ledger, "svc")
+    text = httpx.get(svc["info"]["metrics_url"], timeout=10).text
+    assert 'llmctl_serve_requests_total{code="200",version="canary-s40"}' in text
+    assert "llmctl_serve_request_duration_seconds_bucket" in text and "llmctl_serve_tokens_total" in text
+    assert f'llmctl_rollout_traffic_ratio{{rollout_id="{row["rollout_id"]}",version="canary-s40"}} 1.0' in text

@@ -1,0 +1,148 @@
+"""The single-node server a Kubernetes serving pod runs: a real process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from controlplane.context import Context
+from controlplane.rollout.export import export_checkpoint
+from controlplane.rundir import RunDir
+from tests.serving_factory import make_run
+
+pytestmark = pytest.mark.integration
+TOKEN = "test-token-4f1c"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_token_required_metrics_exposed_token_never_logged(tmp_path):
+    ctx = Context.load()
+    make_run(ctx, "sa", steps=(10,))
+    model_dir = export_checkpoint(RunDir.of(ctx.storage, "sa")).model_dir
+    env = dict(os.environ, LLMCTL_SERVE_TOKEN=TOKEN, PYTHONPATH=os.getcwd(), LLMCTL_DRILL="")
+    # Beyond loopback without a token: refused.
+    bare = {k: v for k, v in env.items() if k != "LLMCTL_SERVE_TOKEN"}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.serve",
+            "standalone",
+            "--model-dir",
+            str(model_dir),
+            "--version",
+            "v",
+            "--host",
+            "0.0.0.0",
+        ],
+        env=bare,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "requires $LLMCTL_SERVE_TOKEN" in r.stderr
+
+    port = free_port()
+    log = tmp_path / "server.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jobs.serve",
+                "standalone",
+                "--model-dir",
+                str(model_dir),
+                "--version",
+                "sa-s10",
+                "--port",
+                str(port),
+                "--engine",
+                "transformers",
+            ],
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            pytest.fail(f"server did not come up: {log.read_text()[-2000:]}")
+        body = {"prompt": "日本の首都は", "max_tokens": 5}
+        assert httpx.post(f"{base}/v1/completions", json=body, timeout=30).status_code == 401
+        bad = {"Authorization": "Bearer wrong"}
+        assert httpx.post(f"{base}/v1/completions", json=body, headers=bad, timeout=30).status_code == 401
+        ok = httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        assert ok.status_code == 200, ok.text
+        data = ok.json()
+        assert data["object"] == "text_completion" and data["model"] == "sa-s10"
+        assert data["usage"]["completion_tokens"] <= 5 and isinstance(data["choices"][0]["text"], str)
+        metrics = httpx.get(f"{base}/metrics", timeout=5).text
+        assert 'llmctl_serve_requests_total{code="200",version="sa-s10"} 1.0' in metrics
+        assert 'llmctl_serve_requests_total{code="401",version="none"} 2.0' in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert TOKEN not in log.read_text()
+
+
+def test_prometheus_windows_from_a_real_scrape(tmp_path):
+    """PrometheusMetrics (the Kubernetes backend's window source) against a real Prometheus."""
+    from controlplane.observability.prom import PrometheusServer
+    from controlplane.rollout.k8s_backend import PrometheusMetrics
+
+    ctx = Context.load()
+    make_run(ctx, "pm", steps=(10,))
+    model_dir = export_checkpoint(RunDir.of(ctx.storage, "pm")).model_dir
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), LLMCTL_DRILL='{"error_rate": 0.3, "seed": 3}')
+    env.pop("LLMCTL_SERVE_TOKEN", None)
+    cmd = [sys.executable, "-m", "jobs.serve", "standalone", "--model-dir", str(model_dir), "--version", "pm-s10"]
+    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        with PrometheusServer({"llmctl-serve": [f"127.0.0.1:{port}"]}, tmp_path / "prom", scrape_interval_s=1) as prom:
+            prom.wait_for('llmctl_serve_requests_total{version="pm-s10"}', timeout_s=60)
+            time.sleep(2.5)
+            since = time.time()
+            codes = [
+                httpx.post(f"{base}/v1/completions", json={"prompt": "猫は", "max_tokens": 3}, timeout=30).status_code
+                for _ in range(30)
+            ]
+            time.sleep(3.5)  # two more scrapes
+            w = PrometheusMetrics(prom.url).window("svc", "pm-s10", since - 1.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    errors = codes.count(500)
+    assert 0 < errors < 30 and set(codes) <= {200, 500}
+    # increase() extrapolates to the window's edges: close, not exact.
+    assert abs(w["requests"] - 30) <= 6, w
+    assert abs(w["errors"] - errors) <= max(2, errors // 3), (w, errors)
+    assert w["p99_s"] is not None and 0 < w["p99_s"] <= 10
