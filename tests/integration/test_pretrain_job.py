@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,25 @@ def test_fenced_attempt_exits_75(ray_env, dataset, tmp_path):
     proc = run_job(rd, 1, ray_env)
     assert proc.returncode == 75
     assert by_type(rd, "start") == []
+
+
+def test_attempt_fenced_mid_run_stops_writing(ray_env, dataset, tmp_path):
+    # Slow steps so that the fence lands mid-run.
+    rd = make_run(tmp_path, dataset, "fenced-mid", faults=[{"kind": "slow_worker", "at_step": 1, "seconds": 0.3}])
+    cmd = [sys.executable, "-m", "jobs.pretrain", "--run-dir", str(rd.path), "--attempt", "1"]
+    proc = subprocess.Popen(cmd, env=ray_env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not [e for e in by_type(rd, "step") if e["step"] >= 3] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        rd.set_fence(2)
+        assert proc.wait(timeout=120) == 75
+    finally:
+        proc.kill()
+    fenced_at = (rd.path / "fence").stat().st_mtime
+    late = [e for e in rd.events() if e["ts"] > fenced_at + 1.5]  # one step and heartbeat period of slack
+    assert late == [] and by_type(rd, "end") == []
+    assert max(e["step"] for e in by_type(rd, "step")) < STEPS
 
 
 def test_hung_worker_is_killed_and_replaced_and_straggler_reported(baseline, ray_env, dataset, tmp_path):
