@@ -11,8 +11,10 @@ Wall time runs from the run's first transition (submission) to its terminal tran
 - lost_work         step time of steps thrown away: done after the checkpoint the next
                     attempt resumed from (a crash, or a rollback's discarded window)
 - restart           failure -> detection -> backoff -> next attempt's first step, and
-                    in-attempt worker replacements (`worker_replaced.recovery_s`)
-- hang              from the last step of a hung attempt until the hang was detected
+                    an in-attempt worker replacement (a `failure` event between two steps:
+                    the gap beyond one typical step time)
+- hang              from the last step of a hung attempt until the hang was detected (by
+                    the supervisor, or by the job before it replaced the hung worker)
 - checkpoint_stall  time training was blocked by checkpoint saves (`blocking_s`)
 - queueing          submission -> the first step of the first attempt
 - other             after the final step (shutdown), and anything unattributed
@@ -119,22 +121,30 @@ def compute(
         secs["queueing" if first_attempt else "restart"] += max(0.0, first_ts - a_start)
         first_attempt = False
         stall = sum(float(e.get("blocking_s") or 0) for e in evs if e.get("type") == "checkpoint")
-        replaced = sum(float(e.get("recovery_s") or 0) for e in evs if e.get("type") == "worker_replaced")
+        failures = [e for e in evs if e.get("type") == "failure"]
+        typical = _typical(steps, durations)
         good = lost = 0.0
-        for ev, d in zip(steps, durations, strict=True):
+        for i, (ev, d) in enumerate(zip(steps, durations, strict=True)):
+            inside = [f for f in failures if i > 0 and steps[i - 1]["ts"] < f["ts"] <= ev["ts"]]
+            if inside:  # a worker died or hung and was replaced in-attempt between these two steps
+                over = max(0.0, d - typical * max(1, ev["step"] - steps[i - 1]["step"]))
+                before = min(over, max(0.0, inside[0]["ts"] - steps[i - 1]["ts"]))
+                secs["hang" if inside[0].get("kind") == "hang" else "restart"] += before
+                secs["restart"] += over - before
+                d -= over
             if keep_upto is not None and ev["step"] > keep_upto:
                 lost += d
                 lost_steps += 1
             else:
                 good += d
                 final_step = max(final_step, ev["step"])
-        overhead = min(good, stall + replaced)
-        secs["checkpoint_stall"] += min(stall, overhead)
-        secs["restart"] += overhead - min(stall, overhead)
+        overhead = min(good, stall)
+        secs["checkpoint_stall"] += overhead
         secs["productive"] += good - overhead
         secs["lost_work"] += lost
         tail = max(0.0, a_stop - steps[-1]["ts"])
-        hung = a.get("cause") == "hang" or any(e.get("type") == "failure" and e.get("kind") == "hang" for e in evs)
+        last_failures = [f for f in failures if f["ts"] > steps[-1]["ts"]]
+        hung = a.get("cause") == "hang" or bool(last_failures and last_failures[0].get("kind") == "hang")
         if hung:
             secs["hang"] += tail
         elif a.get("state") == "succeeded" or keep_upto is None:
@@ -154,6 +164,12 @@ def compute(
 
 def _terminal(trans: Sequence[dict[str, Any]]) -> bool:
     return any(t.get("to_state") in TERMINAL for t in trans)
+
+
+def _typical(steps: Sequence[dict[str, Any]], durations: Sequence[float]) -> float:
+    """The median wall time of one step in this attempt."""
+    per = [d / max(1, b["step"] - a["step"]) for a, b, d in zip(steps, steps[1:], durations[1:], strict=False)]
+    return statistics.median(per) if per else (durations[0] if durations else 0.0)
 
 
 def _steps(evs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

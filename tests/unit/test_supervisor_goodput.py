@@ -90,15 +90,33 @@ def test_rollback_throws_away_the_window_and_in_attempt_replacement_is_restart_t
         *steps(1, 1, 20, 1.0),
         {"type": "failure", "attempt": 1, "kind": "nan_loss", "step": 20, "ts": 20.5},
         start(2, 23.0, 10),
-        *steps(2, 21, 30, 25.0),
-        {"type": "worker_replaced", "attempt": 2, "rank": 1, "recovery_s": 2.0, "ts": 30.0},
+        *steps(2, 21, 25, 25.0),  # steps 21..25 at t=25..29
+        {"type": "failure", "attempt": 2, "kind": "worker_died", "rank": 1, "step": 26, "ts": 29.5},
+        *steps(2, 26, 30, 32.0),  # replaced: step 26 at t=32 (3 s gap, 1 s of it the step)
+        {"type": "worker_replaced", "attempt": 2, "rank": 1, "recovery_s": 2.5, "ts": 32.0},
     ]
     g = compute(attempts, trans(("pending", 0.0)), events, now=40.0)
     check_sums(g)
     assert g.wall_s == 40
     assert g.lost_steps == 10 and g.seconds["lost_work"] == pytest.approx(10.0)
-    assert g.seconds["restart"] >= 2.0
+    # last step t=20 .. attempt 1 ended t=22, startup 22..24, and the in-attempt replacement 2 s
+    assert g.seconds["restart"] == pytest.approx(2.0 + 2.0 + 2.0)
+    assert g.seconds["productive"] == pytest.approx(10.0 + 10.0)  # steps 1..10 kept, 21..30
     assert g.restarts_by_cause == {"nan_loss": 1, "worker_replaced": 1}
+
+
+def test_hang_handled_inside_the_attempt_counts_until_detection():
+    attempts = [{"attempt": 1, "started_at": 0.0, "ended_at": 40.0, "state": "succeeded", "cause": None}]
+    events = [
+        *steps(1, 1, 5, 1.0),  # t=1..5
+        {"type": "failure", "attempt": 1, "kind": "hang", "rank": 1, "step": 6, "ts": 18.0},  # seen after 13 s
+        *steps(1, 6, 10, 21.0),  # replaced; step 6 at t=21
+    ]
+    g = compute(attempts, trans(("pending", 0.0), ("succeeded", 40.0)), events)
+    check_sums(g)
+    assert g.seconds["hang"] == pytest.approx(13.0)  # t=5 .. 18
+    assert g.seconds["restart"] == pytest.approx(2.0)  # t=18 .. 21, less the 1 s step
+    assert g.seconds["productive"] == pytest.approx(10.0)
 
 
 def test_run_that_never_started_is_all_queueing():
