@@ -414,14 +414,14 @@ class Driver:
         """
         import ray
 
-        fresh: set[int] = set()  # replacements hold no state: never a source
+        lost: set[int] = set()  # dead ranks; their replacements hold no state, so are never a source
         replaced: list[Pending] = []
-        survivors: list[int] = []
         status: dict[int, dict] = {}
         failures: list[tuple[int, str, str]] = []
-        while dead:
+        while True:
             failures.extend((r, kind, detail) for r, (kind, detail) in dead.items())
-            survivors = [r for r in self.slots if r not in dead and r not in fresh]
+            lost |= dead.keys()
+            survivors = [r for r in self.slots if r not in lost]
             if not survivors:
                 self._emit_failures(failures, self.step + 1)
                 self._end("failed")
@@ -434,13 +434,17 @@ class Driver:
                 i = ray.get(actor.info.remote(), timeout=600)
                 self.slots[rank] = Slot(rank, actor, i["pid"], i["node_id"], i["node_ip"])
                 replaced.append(Pending(rank, old.pid, i["pid"], source, t_fail, t_detect, kind))
-                fresh.add(rank)
             dead = {}
             for r in survivors:  # ordered after any step still queued on the survivor
+                if r in status:
+                    continue
                 try:
                     status[r] = ray.get(self.slots[r].actor.status.remote(), timeout=self.pg_timeout_s)
                 except Exception as exc:
                     dead[r] = ("worker_died", type(exc).__name__)
+            if not dead:
+                break
+        survivors = [r for r in survivors if r in status]
         src = max(survivors, key=lambda r: status[r]["step"])
         src_step = status[src]["step"]
         self._emit_failures(failures, src_step + 1)
