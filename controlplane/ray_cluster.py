@@ -230,6 +230,7 @@ def add_worker_node(cluster: ClusterSpec, num_cpus: int = 1, index: int | None =
     if state is None:
         raise ClusterNotRunning("the local cluster is not up: run `llmctl cluster up`")
     index = index or len(state.nodes)
+    before = _alive_node_count(cluster)
     log = Path(state.nodes[0].log).with_name(f"worker-{index}.log")
     ports = {"agent": free_port(), "metrics": free_port()}
     cmd = [
@@ -241,7 +242,6 @@ def add_worker_node(cluster: ClusterSpec, num_cpus: int = 1, index: int | None =
     node = NodeProc(_start_node(cmd, ray_env(Path(state.token_file)), log), "worker", str(log), ports)
     state.nodes.append(node)
     _save_state(cluster, state)
-    before = len(state.nodes) - 1
     _wait(lambda: _alive_node_count(cluster) > before, f"Ray worker node (log: {log})", node.pid)
     return node
 
