@@ -148,10 +148,13 @@ def main() -> None:
         finally:
             ray.shutdown()
     base, mine = statistics.median(plain), statistics.median(job)
+    # Each job run against the plain runs just before and after it: drift cancels pair by pair.
+    pairs = [j / ((plain[i] + plain[i + 1]) / 2) for i, j in enumerate(job)]
     print(f"model {args.preset}, seq_len {args.seq_len}, batch {args.batch}, {args.threads} thread(s)")
     print(f"plain torch loop : {base:10.1f} tokens/s  (median of {[round(x) for x in plain]})")
     print(f"job, 1 Ray worker: {mine:10.1f} tokens/s  (median of {[round(x) for x in job]})")
     print(f"ratio job/plain  : {mine / base:.3f}  (goal >= 0.95)")
+    print(f"paired ratios    : {', '.join(f'{r:.3f}' for r in pairs)}  (median {statistics.median(pairs):.3f})")
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ class Driver:
         self.t_start = time.time()
         self.pg_timeout_s = ft.hang_timeout_max_s + 60
         self.ended = False
-        self.injected: dict[tuple[int, int], float] = {}
+        self.injected: dict[tuple[int, int], tuple[float, int | None]] = {}
+        self.hb_step: dict[int, int] = {}
         self.metrics_url: str | None = None
 
     # ------------------------------------------------------------------ actors
@@ -301,7 +302,7 @@ class Driver:
         self.step, self.tokens, self.loss = step_no, r0["tokens"], r0["loss"]
         times = [results[r]["compute_s"] for r in sorted(results)]
         step_s = max(results[r]["step_s"] for r in results)
-        dt = min(wall_s, step_s * 3) if wall_s > 0 else step_s
+        dt = wall_s if wall_s > 0 else step_s  # pipelined: completion to completion is the throughput
         self.step_times.append(step_s)
         if step_no % self.run.train.log_every == 0 or step_no == self.total_steps:
             self.events.emit(
@@ -389,18 +390,22 @@ class Driver:
         for off, ev in self.run_dir.iter_events(self.hb_offset):
             self.hb_offset = off
             if ev.get("type") == "fault_injected":
-                self.injected[(ev.get("rank"), ev.get("pid"))] = ev["ts"]
+                self.injected[(ev.get("rank"), ev.get("pid"))] = (ev["ts"], ev.get("step"))
             if ev.get("type") == "heartbeat" and ev.get("attempt") == self.attempt:
                 slot = self.slots.get(ev.get("rank"))
                 if slot is not None and ev.get("pid") == slot.pid:
                     self.hb[slot.rank] = ev["ts"]
+                    self.hb_step[slot.rank] = ev.get("step", 0)
         now = time.time()
         return [r for r in sorted(ranks) if now - self.hb.get(r, self.t_start) > HB_STALE_S]
 
-    def _injected_at(self, rank: int, pid: int) -> float | None:
-        """When a drill killed or stopped this worker (its own event), if it was a drill."""
-        self._stale_ranks(set())  # reads new events, recording fault_injected ones
-        return self.injected.get((rank, pid))
+    def _crash_info(self, rank: int) -> tuple[float | None, int]:
+        """When the worker of `rank` failed (a drill's own timestamp, if it was a drill) and in which step."""
+        self._stale_ranks(set())  # reads new events: fault_injected, heartbeats
+        ts, step = self.injected.get((rank, self.slots[rank].pid), (None, None))
+        if step is None:
+            step = max(self.step, self.hb_step.get(rank, 0)) + 1
+        return ts, step
 
     # ------------------------------------------------------------------ tier-1 recovery
 
@@ -417,19 +422,19 @@ class Driver:
         lost: set[int] = set()  # dead ranks; their replacements hold no state, so are never a source
         replaced: list[Pending] = []
         status: dict[int, dict] = {}
-        failures: list[tuple[int, str, str]] = []
         while True:
-            failures.extend((r, kind, detail) for r, (kind, detail) in dead.items())
+            crash = {r: self._crash_info(r) for r in dead}
+            for r, (kind, detail) in dead.items():  # at detection: goodput reads the gap before it
+                self.events.emit("failure", kind=kind, rank=r, step=crash[r][1], detail=detail)
             lost |= dead.keys()
             survivors = [r for r in self.slots if r not in lost]
             if not survivors:
-                self._emit_failures(failures, self.step + 1)
                 self._end("failed")
                 raise JobExit(EXIT_CRASH)
             for rank, (kind, _) in dead.items():
                 old = self.slots[rank]
                 ray.kill(old.actor, no_restart=True)
-                t_fail = self._injected_at(rank, old.pid) or t_detect
+                t_fail = crash[rank][0] or t_detect
                 actor, source = self._take_spare()
                 i = ray.get(actor.info.remote(), timeout=600)
                 self.slots[rank] = Slot(rank, actor, i["pid"], i["node_id"], i["node_ip"])
@@ -447,7 +452,6 @@ class Driver:
         survivors = [r for r in survivors if r in status]
         src = max(survivors, key=lambda r: status[r]["step"])
         src_step = status[src]["step"]
-        self._emit_failures(failures, src_step + 1)
         self.metrics_url = self._form_group()[0].get("metrics_url")
         ray.get([s.actor.sync_state.remote(src) for s in self.slots.values()], timeout=600)
         ray.get([s.actor.disarm.remote(src_step + 1) for s in self.slots.values()], timeout=60)
@@ -458,10 +462,6 @@ class Driver:
             last = {r: status[r]["last"] for r in survivors if (status[r]["last"] or {}).get("step") == src_step}
             caught_up = (src_step, last)
         return replaced, caught_up
-
-    def _emit_failures(self, failures: list[tuple[int, str, str]], step: int) -> None:
-        for rank, kind, detail in failures:
-            self.events.emit("failure", kind=kind, rank=rank, step=step, detail=detail)
 
     def _take_spare(self) -> tuple[Any, str]:
         """A warm spare if there is one (even one still starting beats a new actor), else a new actor."""
