@@ -291,7 +291,16 @@ class Driver:
             os._exit(1)
         if self._due(step_no):
             c = self.run.checkpoint
-            res = ray.get(self.slots[0].actor.checkpoint.remote(step_no, self.guard.state(), c.async_save, c.keep_last))
+            from ray.exceptions import RayActorError
+
+            try:
+                res = ray.get(
+                    self.slots[0].actor.checkpoint.remote(step_no, self.guard.state(), c.async_save, c.keep_last)
+                )
+            except RayActorError as exc:
+                # Rank 0 died mid-checkpoint: this checkpoint never commits (its staging dir is never
+                # loaded), and the next step finds the dead actor and replaces it in-attempt.
+                res = {"ok": False, "error": f"rank 0 died while checkpointing: {type(exc).__name__}"}
             if not res.get("ok"):
                 self.events.emit("checkpoint_failed", step=step_no, error=res.get("error"))
             self.interval = checkpoint_interval(self.run, self.run_dir)
