@@ -7,6 +7,8 @@ adding a step to `STEPS`.
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ def default_run_spec(steps: int, inject_fault: bool) -> RunSpec:
             "schedule": {"lr": 3e-3, "warmup_steps": 20},
             "log_every": 1,
         },
-        workers={"num_workers": 2, "cpus_per_worker": 1},
+        workers={"num_workers": 2, "cpus_per_worker": 1, "spare_workers": 1},
         checkpoint={"interval_steps": 20, "keep_last": 3},
         faults=faults,
         seed=0,
@@ -67,7 +69,9 @@ def step_cluster(q: Quickstart) -> None:
     from controlplane import ray_cluster
 
     was_up = ray_cluster.status(q.ctx.cluster)["up"]
-    state = ray_cluster.up(q.ctx.cluster)
+    w = default_run_spec(q.steps, q.inject_fault).workers
+    needed = math.ceil(w.cpus_per_worker * (w.num_workers + w.spare_workers))  # the spare idles: logical CPUs
+    state = ray_cluster.up(q.ctx.cluster, num_cpus=max(os.cpu_count() or 2, needed))
     q.started_cluster = not was_up
     q.summary.append(f"cluster      local Ray, dashboard {state.dashboard_url} (127.0.0.1, token auth on)")
 

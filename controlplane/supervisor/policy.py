@@ -436,6 +436,10 @@ def _hang(o: Observed, spec: FaultToleranceSpec, now: float, config: PolicyConfi
     last_step_at = o.last_step_at if o.last_step_at is not None and o.last_step_at >= submitted else None
     if last_step_at is None and started is None:
         limit, since, what = config.startup_timeout_s or spec.hang_timeout_max_s, submitted, "no start event"
+    elif o.final_step > 0 and o.last_step >= o.final_step and last_step_at is not None:
+        # Past the final step the job flushes its last checkpoint and stops its workers: no more
+        # steps will come, so only the hard cap applies.
+        limit, since, what = spec.hang_timeout_max_s, last_step_at, "no end after the final step"
     else:
         limit, since, what = hang_timeout_s(spec, o.median_step_s), max(last_step_at or 0.0, started or 0.0), "no step"
     if now - since <= limit:

@@ -209,7 +209,10 @@ class Driver:
             # Every worker finishes its work and stops its telemetry (power limits restored);
             # rank 0 first waits for its background checkpoint write.
             refs = {r: s.actor.shutdown.remote() for r, s in self.slots.items()}
-            refs.update({-1 - i: actor.shutdown.remote() for i, (actor, _) in enumerate(self.spares)})
+            for actor, _ in self.spares:  # spares hold no state; one may never have been scheduled
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+            self.spares.clear()
             res: dict[str, Any] = {}
             for r, ref in refs.items():
                 try:

@@ -250,6 +250,14 @@ def test_startup_is_not_a_hang_until_the_startup_timeout():
     assert of(decide(o, FT, NOW, config=cfg), RecordIncident)[0].kind == "hang"
 
 
+def test_after_the_final_step_only_the_hard_cap_is_a_hang():
+    # The job is flushing its last checkpoint and stopping its workers: no step will come.
+    o = running(last_step=100, last_step_at=NOW - 60, heartbeats=(Heartbeat(0, NOW - 50, "n0"),))
+    assert decide(o, FT, NOW) == []
+    late = of(decide(o, FT, NOW + FT.hang_timeout_max_s), RecordIncident)[0]
+    assert late.kind == "hang" and "no end after the final step" in late.detail["detail"]
+
+
 def test_after_start_before_first_step_uses_the_step_timeout():
     o = running(attempt_started_at=NOW - 25, last_step_at=NOW - 500, attempt_submitted_at=NOW - 30)
     assert of(decide(o, FT, NOW), RecordIncident)[0].kind == "hang"
