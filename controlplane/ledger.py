@@ -206,6 +206,24 @@ def _decode(row: sqlite3.Row) -> dict[str, Any]:
     return out
 
 
+def apply_transition(
+    c: sqlite3.Connection, run_id: str, to: RunState, cause: str, attempt: int | None, now: float
+) -> bool:
+    """Inside an open write transaction: move a run to `to` with its cause, if allowed now."""
+    row = c.execute("SELECT state FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    if row is None:
+        raise NotFoundError(f"run {run_id!r}: no such run")
+    src = RunState(row[0])
+    if src == to or not can_transition(src, to):
+        return False
+    c.execute("UPDATE runs SET state = ?, cause = ?, updated_at = ? WHERE run_id = ?", (to, cause, now, run_id))
+    c.execute(
+        "INSERT INTO transitions (run_id, from_state, to_state, cause, attempt, at) VALUES (?, ?, ?, ?, ?, ?)",
+        (run_id, src, to, cause, attempt, now),
+    )
+    return True
+
+
 class Ledger:
     """One connection per Ledger object; safe to share across threads of one process."""
 
@@ -330,20 +348,8 @@ class Ledger:
 
     def transition(self, run_id: str, to: RunState, cause: str, attempt: int | None = None) -> bool:
         """Move a run to `to`, recording the cause. False (and no write) if not allowed now."""
-        now = time.time()
         with self.tx() as c:
-            row = c.execute("SELECT state FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-            if row is None:
-                raise NotFoundError(f"run {run_id!r}: no such run")
-            src = RunState(row[0])
-            if src == to or not can_transition(src, to):
-                return False
-            c.execute("UPDATE runs SET state = ?, cause = ?, updated_at = ? WHERE run_id = ?", (to, cause, now, run_id))
-            c.execute(
-                "INSERT INTO transitions (run_id, from_state, to_state, cause, attempt, at) VALUES (?, ?, ?, ?, ?, ?)",
-                (run_id, src, to, cause, attempt, now),
-            )
-        return True
+            return apply_transition(c, run_id, to, cause, attempt, time.time())
 
     def transitions(self, run_id: str) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM transitions WHERE run_id = ? ORDER BY id", (run_id,))

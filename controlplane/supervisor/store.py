@@ -15,9 +15,8 @@ import sqlite3
 import time
 from typing import Any
 
-from controlplane.errors import NotFoundError
-from controlplane.ledger import Ledger
-from controlplane.states import AttemptState, RunState, can_transition
+from controlplane.ledger import Ledger, apply_transition
+from controlplane.states import AttemptState, RunState
 from controlplane.supervisor.track import RunTrack
 
 
@@ -44,21 +43,6 @@ def _incident(c: sqlite3.Connection, run_id: str, kind: str, detail: dict[str, A
         "INSERT INTO incidents (run_id, attempt, kind, detail_json, at) VALUES (?, ?, ?, ?, ?)",
         (run_id, attempt, kind, json.dumps(detail, default=str), now),
     )
-
-
-def _transition(c: sqlite3.Connection, run_id: str, to: RunState, cause: str, attempt: int | None, now: float) -> bool:
-    row = c.execute("SELECT state FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-    if row is None:
-        raise NotFoundError(f"run {run_id!r}: no such run")
-    src = RunState(row[0])
-    if src == to or not can_transition(src, to):
-        return False
-    c.execute("UPDATE runs SET state = ?, cause = ?, updated_at = ? WHERE run_id = ?", (to, cause, now, run_id))
-    c.execute(
-        "INSERT INTO transitions (run_id, from_state, to_state, cause, attempt, at) VALUES (?, ?, ?, ?, ?, ?)",
-        (run_id, src, to, cause, attempt, now),
-    )
-    return True
 
 
 def commit_ingest(
@@ -98,7 +82,7 @@ def commit_decision(
         for kind, detail in incidents:
             _incident(c, run_id, kind, detail, attempt, now)
         if transition is not None:
-            moved = _transition(c, run_id, transition[0], transition[1], attempt, now)
+            moved = apply_transition(c, run_id, transition[0], transition[1], attempt, now)
         if attempt_fields and attempt:
             sets = ", ".join(f"{k} = ?" for k in attempt_fields)
             c.execute(
