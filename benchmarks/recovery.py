@@ -1,6 +1,6 @@
 """Recovery: crash-to-first-step time of llmctl next to Ray Train's default restart.
 
-    python benchmarks/recovery.py [--steps 24] [--kill-at 10] [--interval 8]
+    python benchmarks/recovery.py [--steps 24] [--kill-at 10] [--interval 8] [--spares 1]
 
 Everything runs in this invocation, on one local Ray cluster (token auth on), with the same
 tiny Llama model (transformers LlamaForCausalLM, `tiny` preset), 2 CPU workers, the same
@@ -43,13 +43,13 @@ from controlplane.spec import ClusterSpec, RunSpec, StorageSpec  # noqa: E402
 from controlplane.supervisor.loop import Supervisor  # noqa: E402
 
 
-def run_spec(name: str, args: argparse.Namespace, *, async_save: bool, fault: dict) -> RunSpec:
+def run_spec(name: str, args: argparse.Namespace, *, async_save: bool, fault: dict, spares: int = 0) -> RunSpec:
     return RunSpec.model_validate(
         {
             "name": name,
             "model": {"preset": "tiny"},
             "train": {"max_steps": args.steps, "global_batch_size": 8, "seq_len": 64, "schedule": {"warmup_steps": 4}},
-            "workers": {"num_workers": 2},
+            "workers": {"num_workers": 2, "spare_workers": spares},
             "checkpoint": {"interval_steps": args.interval, "keep_last": 3, "async_save": async_save},
             "fault_tolerance": {"backoff_initial_s": 0.0, "hang_timeout_min_s": 60},
             "faults": [fault],
@@ -81,7 +81,7 @@ def first_step_after(events: list[dict], t: float, attempt: int | None = None) -
 
 def llmctl_tier1(ctx: Context, args: argparse.Namespace) -> tuple[float, list[dict]]:
     fault = {"kind": "kill_worker", "at_step": args.kill_at, "rank": 1, "attempt": 1}
-    rd = create_run(ctx, run_spec("bench-tier1", args, async_save=True, fault=fault))
+    rd = create_run(ctx, run_spec("bench-tier1", args, async_save=True, fault=fault, spares=args.spares))
     state = supervise(ctx, rd.run_id)
     events = rd.events()
     if state != "succeeded":
@@ -232,6 +232,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--kill-at", type=int, default=10)
     ap.add_argument("--interval", type=int, default=8)
+    ap.add_argument("--spares", type=int, default=1, help="warm spare workers in the tier-1 run (0: a new actor)")
     ap.add_argument("--baseline-out", help=argparse.SUPPRESS)  # set when running as the baseline's Ray job
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -256,7 +257,7 @@ def main() -> int:
         ray_cluster.down(cluster)
     b_async, b_sync = blocking(ev1, False), blocking(ev2, True)
     print(f"crash-to-first-step, worker SIGKILLed at step {args.kill_at} (tiny Llama, 2 CPU workers):")
-    print(f"  llmctl tier 1 (in-attempt replacement)        {tier1:8.2f} s")
+    print(f"  llmctl tier 1 (in-attempt, {args.spares} warm spare(s))    {tier1:8.2f} s")
     print(f"  llmctl tier 2 (driver died, supervisor resub) {tier2:8.2f} s")
     print(f"  Ray Train TorchTrainer + FailureConfig        {base:8.2f} s   (baseline)")
     print(f"  ratio llmctl tier 1 / Ray Train               {tier1 / base:8.3f}")
