@@ -140,7 +140,7 @@ class Observed:
     pending: PendingRestart | None = None
     stop_requested: bool = False  # an operator asked to stop the run
     # checkpoint interval 'auto' inputs
-    save_cost_s: float | None = None  # measured blocking_s + persist_s of recent checkpoints
+    save_cost_s: float | None = None  # time training lost per recent checkpoint (blocking, + persist if sync)
     mtbf_s: float | None = None  # observed mean time between failures (None: not yet observed)
     interval_steps: int | None = None  # the interval currently written for the job
 
