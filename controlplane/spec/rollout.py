@@ -1,0 +1,90 @@
+"""RolloutSpec: an evaluation gate and a canary from a checkpoint to serving replicas."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from controlplane.spec.base import NAME_PATTERN, PositiveInt, StrictModel
+
+# --------------------------------------------------------------------------- rollout
+
+
+class EvalMinimums(StrictModel):
+    jcommonsenseqa_accuracy: float | None = Field(None, ge=0, le=1, description="Minimum JCommonsenseQA accuracy.")
+    jsquad_exact_match: float | None = Field(None, ge=0, le=1, description="Minimum JSQuAD exact match.")
+    max_heldout_perplexity: float | None = Field(None, gt=0, description="Maximum held-out perplexity.")
+
+
+class EvalFiles(StrictModel):
+    jcommonsenseqa: str | None = Field(
+        None, description="JCommonsenseQA file (JGLUE JSON lines); null for the bundled sample."
+    )
+    jsquad: str | None = Field(None, description="JSQuAD file (JGLUE SQuAD-style JSON); null for the bundled sample.")
+    jcommonsenseqa_k: int = Field(3, ge=0, le=16, description="JCommonsenseQA shots.")
+    jsquad_k: int = Field(2, ge=0, le=16, description="JSQuAD shots.")
+    limit: PositiveInt | None = Field(None, description="Evaluate only the first N items of each task.")
+
+
+class DrillSpec(StrictModel):
+    """A real fault the candidate's replicas inject into themselves (canary drills, tests)."""
+
+    error_rate: float = Field(0.0, ge=0, le=1, description="Fraction of requests that raise a server error.")
+    delay_s: float = Field(0.0, ge=0, le=60, description="Seconds each request sleeps before generating.")
+    seed: int = Field(0, ge=0, description="Seed of the error draw.")
+
+
+class ServeOptions(StrictModel):
+    host: str = Field(
+        "127.0.0.1",
+        description="Bind address of the HTTP endpoint. Beyond loopback a bearer token is required "
+        "(from the environment variable named by token_env).",
+    )
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the serving endpoint.")
+    token_env: str = Field("LLMCTL_SERVE_TOKEN", description="Environment variable holding the bearer token.")
+    metrics_host: str = Field("127.0.0.1", description="Bind address of the llmctl_serve_* metrics endpoint.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Metrics port; 0 picks a free one (recorded).")
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="'auto': vLLM when it and a GPU are present, transformers otherwise."
+    )
+    cpus_per_replica: float = Field(1.0, gt=0, le=64, description="CPUs per replica (CPU-only hosts).")
+    image: str = Field("llmctl/serve:0.1.0", description="Container image of a serving pod (kubernetes backend).")
+    model_volume_claim: str | None = Field(
+        None, description="PersistentVolumeClaim holding exported models (kubernetes backend)."
+    )
+
+
+class RolloutSpec(StrictModel):
+    name: str = Field(pattern=NAME_PATTERN, description="Rollout (service) name.")
+    model: str = Field(description="Exported model directory, or RUN_ID[@STEP] to export first.")
+    backend: Literal["ray", "kubernetes"] = Field("ray", description="Ray Serve or Kubernetes Deployments.")
+    replicas: PositiveInt = Field(2, description="Candidate replicas at 100%.")
+    gpus_per_replica: Literal[0, 1] = Field(1, description="One GPU per replica; 0 on CPU-only hosts.")
+    traffic_steps: list[Annotated[int, Field(gt=0, le=100)]] = Field(
+        default_factory=lambda: [10, 50, 100], min_length=1, description="Candidate traffic %, ascending."
+    )
+    analysis_window_s: float = Field(30.0, gt=0, description="Seconds of traffic judged at each step.")
+    min_requests: PositiveInt = Field(20, description="Requests the candidate must serve in a window.")
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="Highest candidate error rate allowed.")
+    max_p99_latency_s: float = Field(2.0, gt=0, description="Highest candidate p99 latency allowed, s.")
+    max_latency_ratio: float = Field(1.5, ge=1, description="Candidate p99 over stable p99 allowed.")
+    min_eval: EvalMinimums = Field(default_factory=EvalMinimums, description="The evaluation gate.")
+    eval: EvalFiles = Field(default_factory=EvalFiles, description="Task files of the gate's evaluation.")
+    latency_slack_s: float = Field(
+        0.05, ge=0, description="A p99 gap to stable below this many seconds never fails the ratio test."
+    )
+    insufficient_traffic_factor: float = Field(
+        4.0, ge=1, description="With too few requests, wait up to this many windows, then roll back."
+    )
+    deploy_timeout_s: float = Field(600.0, gt=0, description="Seconds a version may take to become ready.")
+    drain_s: float = Field(2.0, ge=0, description="Seconds a version keeps serving in-flight requests after 0%.")
+    serve: ServeOptions = Field(default_factory=ServeOptions, description="Endpoint, engine and resources.")
+    drill: DrillSpec | None = Field(None, description="Fault drill for the candidate; null in production.")
+
+    @model_validator(mode="after")
+    def _ascending(self) -> RolloutSpec:
+        steps = self.traffic_steps
+        if steps != sorted(set(steps)) or steps[-1] != 100:
+            raise ValueError("traffic_steps must be strictly ascending and end at 100")
+        return self
