@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controlplane.context import Context
-from controlplane.rundir import RunDir
 from controlplane.spec import FaultInjection, RunSpec
 
 
@@ -51,11 +50,6 @@ class Quickstart:
     data: dict[str, Any] = field(default_factory=dict)
     summary: list[str] = field(default_factory=list)
     failed: bool = False
-
-    @property
-    def run_dir(self) -> RunDir:
-        assert self.run_id is not None
-        return self.ctx.run_dir(self.run_id)
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,7 @@ ClusterOpt = Annotated[
     typer.Option("--cluster", "-c", envvar="LLMCTL_CLUSTER", help="Cluster spec file (default: local Ray cluster)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
-    return typer.Exit(code)
+RunArg = Annotated[str, typer.Argument(help="Run id (or a unique prefix of one).")]
 
 
 class LlmctlGroup(TyperGroup):

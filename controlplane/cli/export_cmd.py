@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from controlplane.cli.common import ClusterOpt, JsonOpt, emit_json, out
+from controlplane.cli.common import ClusterOpt, JsonOpt, RunArg, emit_json, out
 
 
 def run_export(
-    run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).")],
+    run: RunArg,
     step: Annotated[int | None, typer.Option("--step", help="Checkpoint step (default: newest verified).")] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Output directory (default: <run>/artifacts/export-step_N).")

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from controlplane.cli.common import ClusterOpt, JsonOpt, emit_json, err, human_duration, out
+from controlplane.cli.common import ClusterOpt, JsonOpt, RunArg, emit_json, err, human_duration, out
 from controlplane.context import Context
 from controlplane.errors import UserError
 from controlplane.rundir import EventTail, RunDir
@@ -22,8 +22,6 @@ from controlplane.spec import RunSpec, load_spec
 from controlplane.states import RunState
 
 app = typer.Typer(help="Submit, watch and inspect training runs.", no_args_is_help=True)
-
-RunArg = Annotated[str, typer.Argument(help="Run id (or a unique prefix of one).")]
 
 
 def _run(ctx: Context, run_id: str) -> tuple[dict, RunDir]:

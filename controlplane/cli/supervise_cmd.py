@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from controlplane.cli.common import ClusterOpt, JsonOpt, emit_json, err, human_duration, out
+from controlplane.cli.common import ClusterOpt, JsonOpt, RunArg, emit_json, err, human_duration, out
 from controlplane.context import Context
 from controlplane.errors import UserError
 
@@ -95,7 +95,7 @@ def ensure_supervisor(ctx: Context, cluster: str | None) -> tuple[int | None, bo
 
 
 def run_goodput(
-    run_id: Annotated[str, typer.Argument(help="Run id (or a unique prefix of one).")],
+    run_id: RunArg,
     cluster: ClusterOpt = None,
     json_: JsonOpt = False,
 ) -> None:

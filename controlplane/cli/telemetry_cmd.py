@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from controlplane.cli.common import ClusterOpt, JsonOpt, emit_json, err, out
+from controlplane.cli.common import ClusterOpt, JsonOpt, RunArg, emit_json, err, out
 from controlplane.errors import ConfigurationError
 
 app = typer.Typer(help="GPU telemetry: the Prometheus exporter, samples, node health.", no_args_is_help=True)
@@ -172,7 +172,7 @@ def health(cluster: ClusterOpt = None, json_: JsonOpt = False) -> None:
 
 
 def run_energy(
-    run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).")],
+    run: RunArg,
     cluster: ClusterOpt = None,
     json_: JsonOpt = False,
 ) -> None:
