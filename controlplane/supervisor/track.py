@@ -140,9 +140,9 @@ class RunTrack:
                 del self.losses[:-64]
         elif kind == "checkpoint" and isinstance(ev.get("step"), int):
             step = ev["step"]
-            # What training pays per save: the blocking copy, plus the write only when it is synchronous
-            # (an async write overlaps training; Young/Daly's cost is the time lost, not the time taken).
-            cost = float(ev.get("blocking_s") or 0) + (0.0 if ev.get("async") else float(ev.get("persist_s") or 0))
+            # What training pays per save: `blocking_s` is the time it was held (the whole write
+            # when synchronous); Young/Daly's cost is the time lost, not the time the write took.
+            cost = float(ev.get("blocking_s") or 0)
             if cost > 0:
                 self.save_costs.append(cost)
                 del self.save_costs[:-10]

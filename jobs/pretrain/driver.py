@@ -90,6 +90,7 @@ class Driver:
         self.tokens = 0
         self.loss: float | None = None
         self.pending: list[Pending] = []
+        self.ckpt_call: tuple[int, Any] | None = None  # (step, reply) of the checkpoint call in flight
         self.hb: dict[int, float] = {}
         self.hb_offset = 0
         self.step_times: deque[float] = deque(maxlen=50)
@@ -206,6 +207,7 @@ class Driver:
 
         status = {EXIT_OK: "succeeded", EXIT_FENCED: "fenced"}.get(code, "failed")
         if code != EXIT_FENCED:
+            self._reap_checkpoint(timeout=600)
             # Every worker finishes its work and stops its telemetry (power limits restored);
             # rank 0 first waits for its background checkpoint write.
             refs = {r: s.actor.shutdown.remote() for r, s in self.slots.items()}
@@ -285,29 +287,41 @@ class Driver:
 
     def _complete(self, step_no: int, results: dict[int, dict[str, Any]], wall_s: float) -> int | None:
         """Account a completed step; fire the driver drill; checkpoint when due."""
-        import ray
 
         code = self._on_step(step_no, results, wall_s)
         if code is not None:
             return code
         if self._drill("exit_driver"):
             os._exit(1)
+        self._reap_checkpoint(timeout=0)
         if self._due(step_no):
+            # Not awaited: rank 0 runs it before its next step (actor calls run in order) and the
+            # next steps are queued at once; the reply is collected on a later step.
             c = self.run.checkpoint
-            from ray.exceptions import RayActorError
-
-            try:
-                res = ray.get(
-                    self.slots[0].actor.checkpoint.remote(step_no, self.guard.state(), c.async_save, c.keep_last)
-                )
-            except RayActorError as exc:
-                # Rank 0 died mid-checkpoint: this checkpoint never commits (its staging dir is never
-                # loaded), and the next step finds the dead actor and replaces it in-attempt.
-                res = {"ok": False, "error": f"rank 0 died while checkpointing: {type(exc).__name__}"}
-            if not res.get("ok"):
-                self.events.emit("checkpoint_failed", step=step_no, error=res.get("error"))
+            ref = self.slots[0].actor.checkpoint.remote(step_no, self.guard.state(), c.async_save, c.keep_last)
+            self.ckpt_call = (step_no, ref)
             self.interval = checkpoint_interval(self.run, self.run_dir)
         return None
+
+    def _reap_checkpoint(self, timeout: float) -> None:
+        """Collect the last checkpoint call's reply once it is there (or wait up to `timeout`)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        if self.ckpt_call is None:
+            return
+        step_no, ref = self.ckpt_call
+        try:
+            res = ray.get(ref, timeout=timeout)
+        except GetTimeoutError:
+            return
+        except RayActorError as exc:
+            # Rank 0 died mid-checkpoint: this checkpoint never commits (its staging dir is never
+            # loaded), and the next step finds the dead actor and replaces it in-attempt.
+            res = {"ok": False, "error": f"rank 0 died while checkpointing: {type(exc).__name__}"}
+        self.ckpt_call = None
+        if not res.get("ok"):
+            self.events.emit("checkpoint_failed", step=step_no, error=res.get("error"))
 
     def _on_step(self, step_no: int, results: dict[int, dict[str, Any]], wall_s: float) -> int | None:
         r0 = results[min(results)]

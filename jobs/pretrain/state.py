@@ -1,10 +1,17 @@
-"""Model construction and the training state: capture to host memory, persist, restore.
+"""Model construction and the training state: stage to host memory, persist, restore.
 
 The state of a data-parallel replica is model weights, AdamW + LR-scheduler state, RNG
-states and the trainer counters (step, tokens, data cursor, recent losses). `capture()`
-deep-copies it to host memory (the only part of a checkpoint that blocks training);
-`persist()` writes the contract's checkpoint layout into a staging directory;
-`to_bytes`/`from_bytes` move it between replicas' memory for in-attempt recovery.
+states and the trainer counters (step, tokens, data cursor, recent losses).
+
+An async checkpoint (`HostStaging`) records the RNG state at the step boundary, then copies
+the rest into reusable host buffers (pinned on a GPU) while the next step's forward and
+backward run: neither changes the weights, the optimizer, the scheduler or the counters, and
+the training loop waits (`guard()`) before its optimizer step only if the copy is not done.
+`persist()` then writes the contract's checkpoint layout from the buffers in the background.
+A synchronous save writes from the live tensors (`live_state()`).
+
+`capture()` is a plain deep copy used to move state between replicas' memory
+(`to_bytes`/`from_bytes`) for in-attempt recovery.
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ import errno
 import io
 import json
 import random
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,19 +109,8 @@ class Counters:
         )
 
 
-def _to_host(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_host(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_host(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
 def rng_state() -> dict[str, Any]:
+    """Fresh copies of every RNG state (each getter returns a new object)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -129,12 +128,146 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def capture(model, optimizer, scheduler, counters: Counters) -> dict[str, Any]:
     """A deep copy of the whole replica state in host memory."""
     return {
-        "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
-        "optimizer": _to_host(optimizer.state_dict()),
+        "model": _map_tensors(model.state_dict(), _host_copy),
+        "optimizer": _map_tensors(optimizer.state_dict(), _host_copy),
         "scheduler": copy.deepcopy(scheduler.state_dict()),
-        "rng": _to_host(rng_state()),
+        "rng": rng_state(),
         "counters": copy.deepcopy(counters.as_dict()),
     }
+
+
+def _host_copy(_: tuple, t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+def live_state(model, optimizer, scheduler, counters: Counters) -> dict[str, Any]:
+    """The state without copying tensors: for a synchronous save, written before training goes on."""
+    return {
+        "model": _map_tensors(model.state_dict(), lambda _, t: t.detach().cpu()),
+        "optimizer": _map_tensors(optimizer.state_dict(), lambda _, t: t.detach().cpu()),
+        "scheduler": copy.deepcopy(scheduler.state_dict()),
+        "rng": rng_state(),
+        "counters": copy.deepcopy(counters.as_dict()),
+    }
+
+
+_ATOMS = (int, float, str, bool, type(None))
+
+
+def _map_tensors(obj: Any, fn: Callable[[tuple, torch.Tensor], torch.Tensor], path: tuple = ()) -> Any:
+    """Rebuild a state_dict-like structure, tensors replaced by fn(path, tensor), the rest copied."""
+    if isinstance(obj, torch.Tensor):
+        return fn(path, obj)
+    if isinstance(obj, _ATOMS):
+        return obj
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn, (*path, k)) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_map_tensors(v, fn, (*path, i)) for i, v in enumerate(obj))
+    return copy.deepcopy(obj)
+
+
+class HostStaging:
+    """Reusable host buffers a checkpoint is copied into while training goes on.
+
+    One snapshot at a time; the caller persists it (reading the buffers) before it stages the
+    next. Until the training loop passes `guard()` (just before its optimizer step) nothing in
+    the snapshot changes except the RNG state, so:
+    - `stage()` (the save call, at the step boundary) records only the RNG state;
+    - `fill()` (writer thread) builds the state with its tensors in the buffers: on a CPU it
+      copies them; on a GPU it queues device-to-host copies on a side stream, then waits;
+    - `guard()` waits until the copies are done (CPU) or queued (GPU: the compute stream then
+      waits for them, the host does not), and records how long training was held;
+    - `release()` says no training step follows before the next `stage()` (end of attempt).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._parts: tuple | None = None
+        self._rng: dict[str, Any] | None = None
+        self._ready = threading.Event()  # copies done (CPU) or queued (GPU): the update may go on
+        self._ready.set()
+        self._released = threading.Event()
+        self._released.set()
+        self._cuda_event: Any = None
+        self._stream: Any = None
+        self.stall_s = 0.0
+        self.error: BaseException | None = None
+
+    def stage(self, model, optimizer, scheduler, counters: Counters) -> None:
+        if not self._ready.is_set() or not self._released.is_set():
+            raise RuntimeError("the previous snapshot is still being staged")
+        self._parts = (model, optimizer, scheduler, counters)
+        self._rng = rng_state()  # the next forward may draw random numbers: taken now
+        self.stall_s, self.error, self._cuda_event = 0.0, None, None
+        self._ready.clear()
+        self._released.clear()
+
+    def fill(self) -> dict[str, Any]:
+        """Writer thread: the staged state, its tensors copied into the host buffers."""
+        if self._parts is None:
+            raise RuntimeError("nothing staged")
+        model, optimizer, scheduler, counters = self._parts
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def to_buffer(path: tuple, t: torch.Tensor) -> torch.Tensor:
+            t = t.detach()
+            buf = self._buffers.get(path)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+                self._buffers[path] = buf
+            pairs.append((buf, t))
+            return buf
+
+        try:
+            state = {
+                "model": _map_tensors(model.state_dict(), to_buffer, ("model",)),
+                "optimizer": _map_tensors(optimizer.state_dict(), to_buffer, ("optimizer",)),
+                "scheduler": copy.deepcopy(scheduler.state_dict()),
+                "rng": self._rng,
+                "counters": copy.deepcopy(counters.as_dict()),
+            }
+            device = next((src.device for _, src in pairs if src.is_cuda), None)
+            if device is None:
+                for buf, src in pairs:
+                    buf.copy_(src)
+                return state
+            self._stream = self._stream or torch.cuda.Stream(device)
+            self._stream.wait_stream(torch.cuda.default_stream(device))  # behind the last update
+            with torch.cuda.stream(self._stream):
+                for buf, src in pairs:
+                    buf.copy_(src, non_blocking=True)
+            self._cuda_event = self._stream.record_event()
+            self._ready.set()
+            self._cuda_event.synchronize()
+            return state
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self._parts = None
+            self._ready.set()
+
+    def guard(self) -> float:
+        """Training loop, before the state changes: wait for the copy if it is not done yet."""
+        if self._released.is_set():
+            return 0.0
+        t0 = time.perf_counter()
+        self._ready.wait()
+        if self._cuda_event is not None:
+            torch.cuda.current_stream().wait_event(self._cuda_event)
+        self.stall_s = time.perf_counter() - t0
+        self._released.set()
+        return self.stall_s
+
+    def release(self) -> None:
+        """No training step follows until the next `stage()`: nothing waits on the copy."""
+        self._released.set()
+
+    def wait_released(self) -> float:
+        """Writer thread: block until training passed its guard (or was released); the stall."""
+        self._released.wait()
+        return self.stall_s
 
 
 def restore(state: dict[str, Any], model, optimizer, scheduler) -> Counters:
@@ -173,7 +306,7 @@ def persist(
         with open(staging / MODEL_FILE, "wb") as f:
             f.write(b"\0" * 4096)
         raise OSError(errno.ENOSPC, "No space left on device (injected)", str(staging / MODEL_FILE))
-    save_file({k: v.contiguous() for k, v in state["model"].items()}, str(staging / MODEL_FILE))
+    save_file(_unshared(state["model"]), str(staging / MODEL_FILE))
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
     torch.save({"optimizer": state["optimizer"], "scheduler": state["scheduler"]}, staging / OPTIMIZER_FILE)
     torch.save(state["rng"], staging / RNG_FILE)
@@ -187,6 +320,17 @@ def persist(
         **extra,
     }
     (staging / TRAINER_FILE).write_text(json.dumps(trainer, indent=1, sort_keys=True))
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied embeddings written from live weights)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v.contiguous()
+        seen.add(ptr)
+    return out
 
 
 def load(path: Path) -> dict[str, Any]:

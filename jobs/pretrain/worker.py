@@ -6,18 +6,21 @@ token shards and a heartbeat thread. The driver calls `step(n)` once per global 
 loss travel in ONE flat all-reduce. A collective that fails because a peer died marks the
 replica `broken` (it keeps its weights, drops the half-done gradient) until the driver
 re-forms the process group with `join()` and realigns every replica with `sync_state()`.
-Rank 0 also serves the metrics and writes checkpoints (copy to host, persist in a thread).
+Rank 0 also serves the metrics and writes checkpoints (stage to host buffers at the step
+boundary, copy and persist in a thread; the next optimizer step waits for the copy only).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import signal
 import socket
 import threading
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -75,7 +78,8 @@ class TrainWorker:
         self.drills = [(i, f) for i, f in self.drills if f.attempt == self.attempt]
         self.fired: set[int] = set()
         self.metrics = None
-        self.ckpt_thread: threading.Thread | None = None
+        self.writer = _Writer()
+        self.staging = st.HostStaging()
         self.ckpt_failures = 0
         self.last_ckpt: dict[str, Any] | None = None
         self.last_result: dict[str, Any] | None = None
@@ -172,6 +176,7 @@ class TrainWorker:
 
     def load_checkpoint(self, path: str) -> int:
         state = st.load(Path(path))
+        self.staging.guard()
         self.counters = st.restore(state, self.model, self.optimizer, self.scheduler)
         self.counters.cursor = skip_forward(self.counters.cursor, self.skips)
         if self.metrics is not None:
@@ -195,6 +200,7 @@ class TrainWorker:
             dist.broadcast(buf, src)
             if self.rank != src:
                 state = st.from_bytes(buf.cpu().numpy().tobytes())
+                self.staging.guard()
                 old_tokens = self.counters.tokens
                 self.counters = st.restore(state, self.model, self.optimizer, self.scheduler)
                 if self.metrics is not None:
@@ -290,6 +296,7 @@ class TrainWorker:
             loss_value = float(local.item())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.run.train.schedule.grad_clip))
         lr = self.scheduler.get_last_lr()[0]
+        self.staging.guard()  # a checkpoint's copy of the weights must be complete before they change
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -337,30 +344,38 @@ class TrainWorker:
     # ------------------------------------------------------------------ checkpoints (rank 0)
 
     def checkpoint(self, step_no: int, loss_history: list[float], async_save: bool, keep_last: int) -> dict[str, Any]:
-        """Copy the state to host memory (blocking), then persist it (in a thread if async)."""
+        """Save the state at this step boundary.
+
+        Async: record the RNG state and return; a thread copies the rest to host buffers while
+        the next forward/backward runs (the optimizer step waits for it), then persists them.
+        Sync: write from the live tensors before returning.
+        """
         if self.counters.step != step_no or self.broken:
             return {"ok": False, "error": f"replica at step {self.counters.step}, asked to save {step_no}"}
         t0 = time.perf_counter()
         self.flush()  # one write at a time: a still-running previous write blocks here
         self.counters.loss_history = list(loss_history)
-        state = st.capture(self.model, self.optimizer, self.scheduler, self.counters)
-        blocking_s = time.perf_counter() - t0
-        if self.metrics is not None:
-            self.metrics.ckpt.set(blocking_s)
+        parts = (self.model, self.optimizer, self.scheduler, self.counters)
         enospc = self._armed("checkpoint_enospc", step_no) is not None if self.rank is not None else False
-        args = (state, step_no, blocking_s, async_save, keep_last, enospc)
+        timing: dict[str, float] = {}
         if async_save:
-            self.ckpt_thread = threading.Thread(target=self._persist, args=args, name="checkpoint", daemon=True)
-            self.ckpt_thread.start()
+            self.staging.stage(*parts)
+            args = (None, step_no, timing, True, keep_last, enospc)
+            self.writer.submit(self._persist, *args)
+            timing["call_s"] = time.perf_counter() - t0  # read by the thread only after the guard
         else:
-            self._persist(*args)
-        return {"ok": True, "blocking_s": blocking_s}
+            state = st.live_state(*parts)
+            timing["call_s"] = time.perf_counter() - t0
+            self._persist(state, step_no, timing, False, keep_last, enospc)
+        return {"ok": True, "call_s": timing["call_s"]}
 
-    def _persist(self, state, step, blocking_s, async_save, keep_last, enospc) -> None:
+    def _persist(self, state, step, timing, async_save, keep_last, enospc) -> None:
         root = self.events.run_dir.checkpoints
         t0 = time.perf_counter()
         staging = None
         try:
+            if async_save:
+                state = self.staging.fill()
             self.events.check()
             staging = ckpt.staging_dir(root, step)
             c = state["counters"]
@@ -373,6 +388,12 @@ class TrainWorker:
             ckpt.prune(root, keep_last)
             persist_s = time.perf_counter() - t0
             self.last_ckpt = {"step": step, "path": str(info.path)}
+            # Blocked: the save call, plus (async) the optimizer step's wait for the copy, known
+            # once training passed that point; (sync) the whole write.
+            held = self.staging.wait_released() if async_save else persist_s
+            blocking_s = timing["call_s"] + held
+            if self.metrics is not None:
+                self.metrics.ckpt.set(blocking_s)
             self._emit(
                 "checkpoint",
                 step=step,
@@ -380,6 +401,7 @@ class TrainWorker:
                 bytes=info.bytes,
                 blocking_s=round(blocking_s, 6),
                 persist_s=round(persist_s, 6),
+                **({"copy_wait_s": round(held, 6)} if async_save else {}),
                 **{"async": async_save},
             )
             self.ckpt_failures = 0
@@ -393,9 +415,8 @@ class TrainWorker:
                 shutil.rmtree(staging, ignore_errors=True)
 
     def flush(self) -> None:
-        if self.ckpt_thread is not None:
-            self.ckpt_thread.join()
-            self.ckpt_thread = None
+        self.staging.release()  # the caller changes no state until the write below is done
+        self.writer.wait()
 
     # ------------------------------------------------------------------ heartbeats
 
@@ -412,6 +433,36 @@ class TrainWorker:
             self._emit("heartbeat", rank=self.rank, step=self.counters.step, pid=os.getpid(), node_id=self.node_id)
             if self.fenced:
                 return
+
+
+class _Writer:
+    """One long-lived background thread for checkpoint writes, one at a time (starting a thread
+    per save would cost the training loop more than the save call itself)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        threading.Thread(target=self._loop, name="checkpoint-writer", daemon=True).start()
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        if not self._idle.is_set():
+            raise RuntimeError("a checkpoint write is still running")
+        self._idle.clear()
+        self._jobs.put((fn, args))
+
+    def wait(self) -> None:
+        self._idle.wait()
+
+    def _loop(self) -> None:
+        while True:
+            fn, args = self._jobs.get()
+            try:
+                fn(*args)
+            except BaseException:  # the write reports its own failures; the thread must live on
+                traceback.print_exc()
+            finally:
+                self._idle.set()
 
 
 def _node_id() -> str | None:

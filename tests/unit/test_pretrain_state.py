@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -25,11 +27,12 @@ def _replica(seed=0):
     return model, opt, sched, config
 
 
-def _train_step(model, opt, sched, batch):
+def _train_step(model, opt, sched, batch, before_update=lambda: None):
     logits = model(input_ids=batch[:, :-1]).logits
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    before_update()
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -105,3 +108,119 @@ def test_capture_is_a_deep_copy():
     _train_step(model, opt, sched, torch.randint(0, 128, (2, 17)))
     assert all(torch.equal(before[k], snap["model"][k]) for k in before)
     assert torch.equal(exp_avg, snap["optimizer"]["state"][0]["exp_avg"])
+
+
+def _same(a, b):
+    """Two state_dict-like structures hold equal tensors and equal everything else."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    return a == b
+
+
+def test_staged_snapshot_is_the_step_boundary_state_while_training_goes_on(tmp_path):
+    """Stage at the boundary, copy while the next step runs, guard before its update: the
+    checkpoint holds the boundary state, and resuming from it replays the same steps."""
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 128, (4, 17), generator=gen) for _ in range(5)]
+    model, opt, sched, config = _replica()
+    for b in batches[:2]:
+        _train_step(model, opt, sched, b)
+    counters = st.Counters(step=2, tokens=128, cursor=2, loss=4.4, loss_history=[4.5, 4.4])
+    reference = st.capture(model, opt, sched, counters)
+    staging = st.HostStaging()
+    staging.stage(model, opt, sched, counters)
+    out: dict = {}
+    writer = threading.Thread(target=lambda: out.update(snap=staging.fill()))
+    writer.start()  # the copy runs while the next step's forward/backward does
+    expected_next = [_train_step(model, opt, sched, batches[2], before_update=staging.guard)]
+    writer.join(timeout=30)
+    assert staging.wait_released() >= 0.0
+    snap = out["snap"]
+    expected_next += [_train_step(model, opt, sched, b) for b in batches[3:]]
+    assert _same(snap["model"], reference["model"]) and _same(snap["optimizer"], reference["optimizer"])
+    assert snap["counters"] == reference["counters"] and snap["scheduler"] == reference["scheduler"]
+
+    root = tmp_path / "checkpoints"
+    d = ckpt.staging_dir(root, 2)
+    st.persist(snap, d, config=config.to_dict(), extra={"seed": 0, "world_size": 1, "attempt": 1})
+    info = ckpt.commit(d, root, 2)
+    fresh, fopt, fsched, _ = _replica(seed=7)
+    assert st.restore(st.load(info.path), fresh, fopt, fsched).step == 2
+    assert [_train_step(fresh, fopt, fsched, b) for b in batches[2:]] == expected_next
+
+
+def test_guard_holds_the_update_until_the_copy_is_done():
+    model, opt, sched, _ = _replica()
+    _train_step(model, opt, sched, torch.randint(0, 128, (2, 17)))
+    staging = st.HostStaging()
+    staging.stage(model, opt, sched, st.Counters(step=1))
+    guard = threading.Thread(target=staging.guard)
+    guard.start()
+    guard.join(timeout=0.3)
+    assert guard.is_alive(), "the guard let the update through before the copy was done"
+    staging.fill()
+    guard.join(timeout=10)
+    assert not guard.is_alive()
+    assert staging.wait_released() >= 0.25  # the stall is what training waited
+    assert staging.guard() == 0.0  # released: later updates do not wait
+
+
+def test_staging_reuses_its_buffers_and_takes_one_snapshot_at_a_time():
+    model, opt, sched, _ = _replica()
+    _train_step(model, opt, sched, torch.randint(0, 128, (2, 17)))
+    staging = st.HostStaging()
+    staging.stage(model, opt, sched, st.Counters(step=1))
+    with pytest.raises(RuntimeError, match="still being staged"):
+        staging.stage(model, opt, sched, st.Counters(step=1))
+    first = staging.fill()
+    staging.release()
+    weights = {k: v.clone() for k, v in first["model"].items()}
+    _train_step(model, opt, sched, torch.randint(0, 128, (2, 17)))
+    assert all(torch.equal(weights[k], v) for k, v in first["model"].items())  # the live weights moved on
+    staging.stage(model, opt, sched, st.Counters(step=2))
+    second = staging.fill()
+    staging.release()
+    assert all(first["model"][k] is second["model"][k] for k in first["model"])  # same buffers, no new memory
+    live = model.state_dict()
+    assert all(torch.equal(live[k], v) and live[k].data_ptr() != v.data_ptr() for k, v in second["model"].items())
+
+
+def test_failed_copy_releases_the_guard():
+    model, opt, sched, _ = _replica()
+    _train_step(model, opt, sched, torch.randint(0, 128, (2, 17)))
+    staging = st.HostStaging()
+    staging.stage(model, opt, sched, st.Counters(step=1))
+    snap = staging.fill()
+    staging.release()
+    staging.stage(model, opt, sched, st.Counters(step=1))
+    key = ("model", next(iter(snap["model"])))
+    buf = staging._buffers[key]  # same shape and dtype, but one element: the next copy into it fails
+    staging._buffers[key] = torch.zeros(1, dtype=buf.dtype).expand(buf.shape)
+    with pytest.raises(RuntimeError):
+        staging.fill()
+    t0 = time.perf_counter()
+    staging.guard()
+    assert time.perf_counter() - t0 < 5 and staging.error is not None
+
+
+def test_sync_save_from_live_tied_weights(tmp_path):
+    """A synchronous save writes the live tensors; tied embeddings share memory, which
+    safetensors refuses unless the writer unshares them."""
+    run = RunSpec.model_validate({"model": {"preset": "tiny", "tie_embeddings": True}, "train": {"max_steps": 4}})
+    config = st.llama_config(run.model.resolve(vocab_size=128, max_seq_len=16), 1, 0)
+    model = st.build_model(config, 0, torch.device("cpu"))
+    opt, sched = st.build_optimizer(model, run, 4)
+    _train_step(model, opt, sched, torch.randint(0, 128, (2, 17)))
+    state = st.live_state(model, opt, sched, st.Counters(step=1))
+    assert state["model"]["lm_head.weight"].data_ptr() == model.lm_head.weight.data_ptr()  # no copy
+    root = tmp_path / "checkpoints"
+    d = ckpt.staging_dir(root, 1)
+    st.persist(state, d, config=config.to_dict(), extra={})
+    loaded = st.load(ckpt.commit(d, root, 1).path)
+    assert all(torch.equal(loaded["model"][k], v) for k, v in model.state_dict().items())
