@@ -39,14 +39,13 @@ from controlplane.spec import RunSpec, read_record
 from controlplane.states import AttemptState, RunState
 from controlplane.supervisor import policy as P
 from controlplane.supervisor import store
-from controlplane.supervisor.nodes import read_health
+from controlplane.supervisor.nodes import EXCLUDE_ENV, read_health
 from controlplane.supervisor.ports import JobsPort, RayJobs, SupervisorBusy, SupervisorLock, submission_id
 from controlplane.supervisor.track import NODE_FAULTS, RunTrack
 
 log = logging.getLogger("llmctl.supervisor")
 
 INTERVAL_FILE = "checkpoint_interval"
-EXCLUDE_ENV = "LLMCTL_EXCLUDE_NODES"
 # failures the job could not report itself: the supervisor counts them for the MTBF
 UNREPORTED = frozenset({"crash", "job_lost", "job_stopped", "early_exit", "node_unhealthy"})
 _ATTEMPT_STATE = {

@@ -7,14 +7,40 @@ Telemetry writes one file per node: `<storage>/telemetry/health/<node>.json`
 
 A missing directory means no telemetry (every node presumed healthy); an unreadable file is
 skipped, never fatal.
+
+Nodes are named by Ray node id (failures seen by the job) or by host name (telemetry). The
+supervisor hands an attempt its excluded names in `LLMCTL_EXCLUDE_NODES`; the job maps them
+to Ray node ids with `ray_nodes_to_exclude` and keeps its workers off those nodes.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+EXCLUDE_ENV = "LLMCTL_EXCLUDE_NODES"
+
+
+def excluded_names(environ: Mapping[str, str]) -> set[str]:
+    return {n.strip() for n in (environ.get(EXCLUDE_ENV) or "").split(",") if n.strip()}
+
+
+def ray_nodes_to_exclude(names: set[str], ray_nodes: list[dict[str, Any]]) -> dict[str, str]:
+    """Ray node id -> the excluded name it matches: its own id, or its host's name (every
+    raylet of an excluded host, as telemetry judges hosts)."""
+    from controlplane.telemetry.assignments import node_name
+
+    out: dict[str, str] = {}
+    for n in ray_nodes:
+        node_id, host = str(n.get("NodeID") or ""), str(n.get("NodeManagerHostname") or "")
+        for candidate in (node_id, host, node_name(host) if host else ""):
+            if candidate and candidate in names:
+                out[node_id] = candidate
+                break
+    return out
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,15 @@ STALE_AFTER_S = 120.0
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
 
+def node_name(hostname: str) -> str:
+    """A host's name for telemetry, reduced to safe characters."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", hostname).strip("-.") or "node"
+    return name[:200]
+
+
 def default_node_name() -> str:
     """This node's name for telemetry: the host name, reduced to safe characters."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-.") or "node"
-    return name[:200]
+    return node_name(socket.gethostname())
 
 
 def assignments_dir(storage_root: str | Path, node: str) -> Path:

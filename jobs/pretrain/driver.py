@@ -18,6 +18,7 @@ from typing import Any
 from controlplane import checkpoint as ckpt
 from controlplane.rundir import FencedError, RunDir
 from controlplane.spec import RunSpec, read_record
+from controlplane.supervisor.nodes import excluded_names, ray_nodes_to_exclude
 from jobs.pretrain.events import EXIT_CRASH, EXIT_FENCED, EXIT_NUMERICAL, EXIT_OK, EventLog
 from jobs.pretrain.schedule import NumericGuard, StragglerDetector
 
@@ -98,6 +99,8 @@ class Driver:
         self.pg_timeout_s = ft.hang_timeout_max_s + 60
         self.ended = False
         self.injected: dict[tuple[int, int], tuple[float, int | None]] = {}
+        self.exclude = excluded_names(os.environ)  # node ids or host names the supervisor excluded
+        self.excluded: dict[str, str] = {}  # Ray node id -> the excluded name it matched
         self.hb_step: dict[int, int] = {}
         self.metrics_url: str | None = None
 
@@ -109,8 +112,13 @@ class Driver:
         from jobs.pretrain.worker import TrainWorker
 
         w = self.run.workers
+        opts: dict[str, Any] = {}
+        if self.exclude:  # looked up at every spawn: a host may come back under a new node id
+            self.excluded = ray_nodes_to_exclude(self.exclude, ray.nodes())
+            if self.excluded:
+                opts["label_selector"] = {"ray.io/node-id": f"!in({','.join(sorted(self.excluded))})"}
         return ray.remote(TrainWorker).options(
-            num_cpus=w.cpus_per_worker, num_gpus=w.gpus_per_worker, max_restarts=0, max_task_retries=0
+            num_cpus=w.cpus_per_worker, num_gpus=w.gpus_per_worker, max_restarts=0, max_task_retries=0, **opts
         )
 
     def _job_cfg(self, drills: bool) -> dict[str, Any]:
@@ -175,7 +183,11 @@ class Driver:
         for _ in range(self.run.workers.spare_workers):
             self.spares.append(self._spawn(drills=False))
         for rank, (actor, ref) in enumerate(started):
-            i = ray.get(ref, timeout=600)
+            try:
+                i = ray.get(ref, timeout=600)
+            except ray.exceptions.GetTimeoutError:
+                off = f" with nodes excluded: {', '.join(sorted(set(self.excluded.values())))}" if self.excluded else ""
+                raise RuntimeError(f"worker {rank} could not be placed within 600 s{off}") from None
             self.slots[rank] = Slot(rank, actor, i["pid"], i["node_id"], i["node_ip"])
         self.metrics_url = self._form_group()[0].get("metrics_url")
         if self.spares:  # warm means ready: give the spares a bounded time to finish starting
@@ -198,6 +210,8 @@ class Driver:
             total_steps=self.total_steps,
             checkpoint_interval=self.interval,
             spare_workers=len(self.spares),
+            excluded_nodes=sorted(self.exclude),
+            excluded_ray_nodes=sorted(self.excluded),
         )
         code = self._loop()
         return self._finish(code)

@@ -286,3 +286,19 @@ def test_dropped_submission_is_retried_without_a_duplicate(tmp_path, after):
     finally:
         sup.close()
         jobs.kill_all()
+
+
+def test_excluded_names_map_to_ray_nodes_by_id_or_host():
+    from controlplane.supervisor.nodes import excluded_names, ray_nodes_to_exclude
+
+    names = excluded_names({"LLMCTL_EXCLUDE_NODES": " abc123, gpu-017 ,,"})
+    assert names == {"abc123", "gpu-017"}
+    assert excluded_names({}) == set()
+    nodes = [
+        {"NodeID": "abc123", "NodeManagerHostname": "gpu-001"},  # by Ray node id
+        {"NodeID": "def456", "NodeManagerHostname": "gpu-017"},  # by host name (telemetry's view)
+        {"NodeID": "fed789", "NodeManagerHostname": "gpu-017."},  # telemetry names it gpu-017 too
+        {"NodeID": "0a0a0a", "NodeManagerHostname": "gpu-018"},
+    ]
+    assert ray_nodes_to_exclude(names, nodes) == {"abc123": "abc123", "def456": "gpu-017", "fed789": "gpu-017"}
+    assert ray_nodes_to_exclude(set(), nodes) == {}
