@@ -251,9 +251,10 @@ def stop(run_id: RunArg, cluster: ClusterOpt = None) -> None:
 
 # Verbs defined in other modules are attached here, one line each:
 from controlplane.cli.export_cmd import run_export  # noqa: E402
-from controlplane.cli.supervise_cmd import run_goodput  # noqa: E402
+from controlplane.cli.supervise_cmd import run_decisions, run_goodput  # noqa: E402
 from controlplane.cli.telemetry_cmd import run_energy  # noqa: E402
 
 app.command("goodput")(run_goodput)
+app.command("decisions")(run_decisions)
 app.command("energy")(run_energy)
 app.command("export")(run_export)

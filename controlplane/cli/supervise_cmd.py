@@ -1,6 +1,8 @@
-"""`llmctl supervise` (the reconcile loop) and `llmctl run goodput` (where a run's time went).
+"""`llmctl supervise` (the reconcile loop), `llmctl run goodput` (where a run's time went) and
+`llmctl run decisions` (what the supervisor did, and why).
 
-Nothing heavy at module level: `run goodput` reads the ledger and events.jsonl only.
+Nothing heavy at module level: `run goodput` and `run decisions` read the ledger and
+events.jsonl only.
 """
 
 from __future__ import annotations
@@ -118,3 +120,33 @@ def run_goodput(
     if g.restarts_by_cause:
         out.print("restarts: " + ", ".join(f"{c} x{n}" for c, n in sorted(g.restarts_by_cause.items())))
     out.print(f"final step {g.final_step}; steps thrown away {g.lost_steps}")
+
+
+def run_decisions(
+    run_id: RunArg,
+    cluster: ClusterOpt = None,
+    tail: Annotated[int, typer.Option("--tail", "-n", min=0, help="Only the last N decisions (0 = all).")] = 0,
+    json_: JsonOpt = False,
+) -> None:
+    """Every action the supervisor took on a run, with its cause: submissions, restarts, stops."""
+    import datetime as dt
+    import json
+
+    from controlplane.supervisor import store
+
+    ctx = Context.load(cluster)
+    run = ctx.ledger.find_run(run_id)
+    rows = store.decisions(ctx.ledger, run["run_id"])
+    rows = rows[-tail:] if tail else rows
+    if json_:
+        emit_json(rows)
+        return
+    if not rows:
+        err.print(f"run {run['run_id']}: no supervisor decisions yet")
+        return
+    table = Table("TIME", "ATTEMPT", "ACTION", "CAUSE", "DETAIL")
+    for r in rows:
+        when = dt.datetime.fromtimestamp(r["at"]).strftime("%Y-%m-%d %H:%M:%S")
+        detail = json.dumps(r["detail"], ensure_ascii=False, sort_keys=True) if r["detail"] else ""
+        table.add_row(when, str(r["attempt"] or "-"), r["action"], r["cause"] or "", detail[:120])
+    out.print(table)

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from controlplane.cli.main import app
 r = CliRunner()
 out = []
-for args in (["run", "list"], ["run", "status", "demo-run"], ["run", "events", "demo-run"], ["run", "list", "--json"]):
+for args in (["run", "list"], ["run", "status", "demo-run"], ["run", "events", "demo-run"], ["run", "list", "--json"],
+             ["run", "decisions", "demo-run"]):
     res = r.invoke(app, args)
     out.append([args, res.exit_code, res.output])
 heavy = [m for m in ("ray", "torch", "transformers") if m in sys.modules]

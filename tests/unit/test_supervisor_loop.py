@@ -15,7 +15,9 @@ import sys
 import time
 
 import pytest
+from typer.testing import CliRunner
 
+from controlplane.cli.main import app
 from controlplane.context import Context
 from controlplane.errors import RetryableError
 from controlplane.spec import RunSpec
@@ -99,6 +101,17 @@ def test_crash_restarts_from_the_newest_checkpoint(env):
     kinds = [(i["kind"], i["detail"]["source"]) for i in ctx.ledger.incidents("crash")]
     assert ("worker_died", "job") in kinds and ("worker_died", "supervisor") in kinds
     assert max(steps_of(rd)) == 20
+    # what the supervisor did and why, as an operator reads it
+    res = CliRunner().invoke(app, ["run", "decisions", "crash", "--json"])
+    assert res.exit_code == 0, res.output
+    acts = [(d["attempt"], d["action"], d["cause"]) for d in json.loads(res.stdout)]
+    assert [a[1] for a in acts] == [
+        "Submit", "MarkRunning", "RecordIncident", "MarkRecovering", "Backoff", "Submit", "MarkRunning", "MarkSucceeded"
+    ]  # fmt: skip
+    assert acts[0] == (None, "Submit", "initial submission")
+    assert acts[5] == (1, "Submit", "worker_died in attempt 1 at step 13")  # decided in attempt 1, submits 2
+    table = CliRunner().invoke(app, ["run", "decisions", "crash", "--tail", "2"])
+    assert table.exit_code == 0 and "MarkSucceeded" in table.output and "initial submission" not in table.output
 
 
 def test_nan_rolls_back_and_skips_the_window(env):
