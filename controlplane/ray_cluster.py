@@ -230,7 +230,6 @@ def add_worker_node(cluster: ClusterSpec, num_cpus: int = 1, index: int | None =
     if state is None:
         raise ClusterNotRunning("the local cluster is not up: run `llmctl cluster up`")
     index = index or len(state.nodes)
-    before = _alive_node_count(cluster)
     log = Path(state.nodes[0].log).with_name(f"worker-{index}.log")
     ports = {"agent": free_port(), "metrics": free_port()}
     cmd = [
@@ -242,19 +241,25 @@ def add_worker_node(cluster: ClusterSpec, num_cpus: int = 1, index: int | None =
     node = NodeProc(_start_node(cmd, ray_env(Path(state.token_file)), log), "worker", str(log), ports)
     state.nodes.append(node)
     _save_state(cluster, state)
-    _wait(lambda: _alive_node_count(cluster) > before, f"Ray worker node (log: {log})", node.pid)
+    # Known by its own resource: counting alive nodes is fooled by a node dying meanwhile.
+    _wait(lambda: _alive_with(cluster, f"llmctl_node_{index}"), f"Ray worker node (log: {log})", node.pid)
     return node
 
 
-def _alive_node_count(cluster: ClusterSpec) -> int:
+def _alive_with(cluster: ClusterSpec, resource: str) -> bool:
+    """An alive node holds `resource` (the dashboard writes resource names in camelCase)."""
+
+    def norm(key: str) -> str:
+        return key.replace("_", "").lower()
+
     try:
-        return sum(
-            1
+        return any(
+            n["raylet"]["state"] == "ALIVE"
+            and norm(resource) in {norm(k) for k in n["raylet"].get("resourcesTotal") or {}}
             for n in _dashboard_get(cluster, "/nodes?view=summary")["data"]["summary"]
-            if n["raylet"]["state"] == "ALIVE"
         )
     except (LlmctlError, KeyError, TypeError, httpx.HTTPError):
-        return 0
+        return False
 
 
 def _wait(check: Any, what: str, pid: int, timeout: float = START_TIMEOUT_S) -> None:

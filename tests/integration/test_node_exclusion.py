@@ -20,7 +20,18 @@ from tests.integration.conftest import wait_for
 pytestmark = pytest.mark.integration
 
 
-def test_workers_stay_off_an_excluded_node(cluster_home, dataset_dir):
+@pytest.fixture
+def spare_node(cluster_home):
+    """A raylet of its own with room for 2 workers and a spare (earlier tests may have killed
+    the session's second node); SIGKILLed afterwards, as a node failure."""
+    ctx = Context.load()
+    ray_cluster.add_worker_node(ctx.cluster, num_cpus=3)
+    index = len(ray_cluster.read_state(ctx.cluster).nodes) - 1
+    yield
+    ray_cluster.kill_node(ctx.cluster, index)
+
+
+def test_workers_stay_off_an_excluded_node(cluster_home, dataset_dir, spare_node):
     ctx = Context.load()
     nodes = ray_cluster.status(ctx.cluster)["nodes"]
     head = next(n["node_id"] for n in nodes if n["is_head"])
