@@ -32,6 +32,9 @@ EV_CHECKPOINT = "checkpoint"
 EV_FAILURE = "failure"
 EV_END = "end"
 
+# Status commands read this much of the end of events.jsonl, never the whole of a long run's file.
+RECENT_BYTES = 4 << 20
+
 
 class FencedError(RuntimeError):
     """This attempt was superseded by a newer one and must stop writing."""
@@ -140,6 +143,34 @@ class RunDir:
 
     def events(self, types: set[str] | None = None) -> list[dict[str, Any]]:
         return [e for _, e in self.iter_events() if types is None or e.get("type") in types]
+
+    def recent_offset(self, max_bytes: int = RECENT_BYTES) -> int:
+        """Byte offset of the first whole line within the last `max_bytes` of events.jsonl."""
+        try:
+            size = self.events_file.stat().st_size
+        except FileNotFoundError:
+            return 0
+        if size <= max_bytes:
+            return 0
+        with open(self.events_file, "rb") as f:
+            f.seek(size - max_bytes - 1)
+            return size - max_bytes - 1 + len(f.readline())
+
+    def recent_events(self, max_bytes: int = RECENT_BYTES, types: set[str] | None = None) -> list[dict[str, Any]]:
+        """The events in the last `max_bytes` of events.jsonl (all of them in a smaller file):
+        what a status line needs, at a cost that does not grow with the run's age."""
+        return [
+            e for _, e in self.iter_events(self.recent_offset(max_bytes)) if types is None or e.get("type") in types
+        ]
+
+    def first_event(self, type_: str, max_bytes: int = 1 << 20) -> dict[str, Any] | None:
+        """The first event of a type, looked for within the first `max_bytes` of events.jsonl."""
+        for pos, e in self.iter_events():
+            if e.get("type") == type_:
+                return e
+            if pos >= max_bytes:
+                break
+        return None
 
 
 class EventTail:

@@ -82,6 +82,23 @@ def stop_run(ctx: Context, run_id: str, cause: str = "stopped by user") -> bool:
 # --------------------------------------------------------------------------- summaries
 
 
+def status_summary(ctx: Context, run: dict[str, Any], run_dir: RunDir, total_steps: int | None) -> dict[str, Any]:
+    """`summarize` over the recent events only, so it costs the same on day 30 as on day 1;
+    what the window cannot know comes from the ledger (checkpoints) and the file's head (first loss)."""
+    start = run_dir.recent_offset()
+    s = summarize(run_dir.recent_events(), total_steps)
+    size = run_dir.events_file.stat().st_size if run_dir.events_file.exists() else 0
+    s["events_window"] = {"from_byte": start, "bytes": size - start, "size": size}
+    if start:
+        first = run_dir.first_event("step")
+        s["first_loss"] = first.get("loss") if first else None
+        recorded = [c["step"] for c in ctx.ledger.checkpoints(run["run_id"])]
+        if recorded:
+            s["checkpoints"] = max(s["checkpoints"], len(recorded))
+            s["last_checkpoint_step"] = max(s["last_checkpoint_step"] or 0, *recorded)
+    return s
+
+
 def summarize(events: list[dict[str, Any]], total_steps: int | None = None) -> dict[str, Any]:
     """Condense a run's events: progress, speed, checkpoints, failures, stragglers."""
     steps = [e for e in events if e.get("type") == "step"]

@@ -103,7 +103,7 @@ def list_cmd(
     for run in ctx.ledger.list_runs():
         if not all_ and RunState(run["state"]).is_terminal:
             continue
-        s = summarize(RunDir(Path(run["run_dir"])).events({"step", "checkpoint", "end"}))
+        s = summarize(RunDir(Path(run["run_dir"])).recent_events(types={"step", "end"}))
         rows.append(
             {
                 "run_id": run["run_id"],
@@ -130,12 +130,12 @@ def list_cmd(
 @app.command()
 def status(run_id: RunArg, cluster: ClusterOpt = None, json_: JsonOpt = False) -> None:
     """State, progress, attempts, checkpoints, incidents and stragglers of one run."""
-    from controlplane.runs import summarize
+    from controlplane.runs import status_summary
 
     ctx = Context.load(cluster)
     run, run_dir = _run(ctx, run_id)
     total = _total_steps(run)
-    s = summarize(run_dir.events(), total)
+    s = status_summary(ctx, run, run_dir, total)
     attempts = ctx.ledger.attempts(run["run_id"])
     incidents = ctx.ledger.incidents(run["run_id"])
     data = {
@@ -161,6 +161,11 @@ def status(run_id: RunArg, cluster: ClusterOpt = None, json_: JsonOpt = False) -
         f"  step {s['step']}/{total or '?'}  loss {loss}  tokens {s['tokens']:,}  tokens/s {tps}  eta {human_duration(s['eta_s'])}"
     )
     out.print(f"  checkpoints {s['checkpoints']} (last at step {s['last_checkpoint_step']})  run dir {run['run_dir']}")
+    if s["events_window"]["from_byte"]:
+        w = s["events_window"]
+        out.print(
+            f"  recent events: the last {w['bytes'] / 2**20:.0f} MiB of {w['size'] / 2**20:,.0f} MiB in events.jsonl"
+        )
     if s.get("rank_step_times"):
         times = "  ".join(f"r{i}={t * 1000:.0f}ms" for i, t in enumerate(s["rank_step_times"]))
         out.print(f"  per-rank step time: {times}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,8 +33,8 @@ def _watch(ctx: Context, run_id: str, reconcile: Callable[[str], object], poll_s
     run = ctx.ledger.get_run(run_id)
     run_dir = RunDir(Path(run["run_dir"]))
     total = load_run_spec(run).train.steps
-    events: list[dict] = []
-    tail = EventTail(run_dir)
+    events: deque[dict] = deque(maxlen=2000)  # enough for the progress line; bounded over a month
+    tail = EventTail(run_dir, run_dir.recent_offset())
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -47,10 +48,11 @@ def _watch(ctx: Context, run_id: str, reconcile: Callable[[str], object], poll_s
         while True:
             reconcile(run_id)
             for ev in tail.poll():
-                events.append(ev)
+                if ev.get("type") != "heartbeat":
+                    events.append(ev)
                 if ev.get("type") in ("failure", "worker_replaced"):
                     progress.console.print(f"  {ev['type']}: {_describe(ev)}")
-            s = summarize(events, total)
+            s = summarize(list(events), total)
             state = RunState(ctx.ledger.get_run(run_id)["state"])
             loss = f"loss {s['loss']:.4f}" if s["loss"] is not None else "loss -"
             tps = f"{s['tokens_per_s']:.0f} tok/s" if s["tokens_per_s"] else ""
