@@ -1,4 +1,5 @@
-"""Helm values of the three charts infra/ installs, and Grafana dashboards as ConfigMaps (pure; no Pulumi).
+"""Helm values of the three charts infra/ installs, Grafana dashboards as ConfigMaps and the
+alert rules as a PrometheusRule (pure; no Pulumi).
 
 Every Service the charts create stays ClusterIP; Grafana's admin password is referenced
 through `existingSecret`, never written into values; the GPU operator's daemons tolerate the
@@ -17,6 +18,7 @@ from controlplane.infra.manifests import Names, gpu_tolerations
 from controlplane.spec import ClusterSpec
 
 DASHBOARD_LABEL = "grafana_dashboard"
+ALERTS_FILE = "alerts.yaml"  # Prometheus rule-file format, next to the dashboards
 MAX_CONFIGMAP_BYTES = 900 * 1024  # the API server's object limit is 1 MiB, less metadata
 
 
@@ -105,3 +107,36 @@ def dashboard_files(directory: Any) -> list[tuple[str, str, str]]:
     if len(set(names)) != len(names):
         raise ConfigurationError(f"{directory}: two dashboard files map to the same ConfigMap name")
     return found
+
+
+# --------------------------------------------------------------------------- alert rules
+
+
+def alert_rules(directory: Any, runbook_base_url: str | None = None) -> dict[str, Any] | None:
+    """The PrometheusRule spec of `<directory>/alerts.yaml`, or None without one. Relative
+    `runbook_url`s are joined to `runbook_base_url` when given (Alertmanager links need a URL)."""
+    import yaml
+
+    path = Path(directory) / ALERTS_FILE if directory is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    groups = data.get("groups") if isinstance(data, dict) else None
+    if not isinstance(groups, list) or not groups:
+        raise ConfigurationError(f"{path}: no rule groups (a Prometheus rule file starts with `groups:`)")
+    for gi, group in enumerate(groups):
+        rules = group.get("rules") if isinstance(group, dict) else None
+        if not isinstance(group, dict) or not group.get("name") or not isinstance(rules, list):
+            raise ConfigurationError(f"{path}: groups[{gi}] needs a name and a list of rules")
+        for ri, rule in enumerate(rules):
+            if not isinstance(rule, dict) or not (rule.get("alert") or rule.get("record")) or not rule.get("expr"):
+                raise ConfigurationError(f"{path}: groups[{gi}].rules[{ri}] needs `alert` (or `record`) and `expr`")
+            url = (rule.get("annotations") or {}).get("runbook_url")
+            if runbook_base_url and url and "://" not in url:
+                rule["annotations"]["runbook_url"] = f"{runbook_base_url.rstrip('/')}/{url.lstrip('/')}"
+    if len(json.dumps(groups).encode()) > MAX_CONFIGMAP_BYTES:
+        raise ConfigurationError(f"{path}: larger than {MAX_CONFIGMAP_BYTES} bytes, too big for one PrometheusRule")
+    return {"groups": groups}

@@ -154,7 +154,7 @@ class RayPlatform(pulumi.ComponentResource):
 
 
 class Monitoring(pulumi.ComponentResource):
-    """kube-prometheus-stack with Grafana provisioned from the dashboards directory, and Ray scraping."""
+    """kube-prometheus-stack with Grafana dashboards and alert rules from the dashboards directory, and Ray scraping."""
 
     grafana_url: pulumi.Output[str]
 
@@ -202,6 +202,19 @@ class Monitoring(pulumi.ComponentResource):
             metadata=_meta("ray-pods", ns),
             spec=addons.ray_pod_monitor(names),
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.release]),
+        )
+        rules = addons.alert_rules(dashboards_dir, settings.runbook_base_url)
+        self.alerts = (
+            k8s.apiextensions.CustomResource(
+                "llmctl-alerts",
+                api_version="monitoring.coreos.com/v1",
+                kind="PrometheusRule",
+                metadata=_meta("llmctl-alerts", ns),
+                spec=rules,
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[self.release]),  # the chart brings the CRD
+            )
+            if rules
+            else None
         )
         self.grafana_url = self.release.id.apply(lambda _: names.grafana_url)
         self.register_outputs({"grafana_url": self.grafana_url, "dashboards": len(self.dashboards)})

@@ -56,7 +56,8 @@ def build(
 ) -> InfraOutputs:
     """Declare everything for `spec`. Raises ConfigurationError before declaring anything if the spec does not fit."""
     m.check_spec(spec)
-    addons.dashboard_files(dashboards_dir)  # fail on a bad dashboard before any resource exists
+    addons.dashboard_files(dashboards_dir)  # fail on a bad dashboard or rule file before any resource exists
+    addons.alert_rules(dashboards_dir)
     names = m.Names.of(spec)
     providers: list[pulumi.ProviderResource] = []
     kubeconfig = None

@@ -53,6 +53,11 @@ class InfraSettings(StrictModel):
         None,
         description="Directory whose *.json files become Grafana dashboards; null: ../dashboards next to the project.",
     )
+    runbook_base_url: str | None = Field(
+        None,
+        description="URL the alert rules' relative runbook_url paths are joined to (e.g. the repository's "
+        "web view); null: left relative.",
+    )
     ledger_volume_size: Quantity = Field("20Gi", description="Volume holding the supervisor's SQLite ledger.")
     ledger_storage_class: str | None = Field(
         None, description="StorageClass of the ledger volume (block storage; SQLite wants local locking semantics)."

@@ -273,6 +273,39 @@ def test_dashboards_become_labelled_configmaps(tmp_path):
         render(load_spec(ClusterSpec, REFERENCE), dashboards_dir=dashboards)
 
 
+def test_alert_rules_become_one_prometheus_rule_with_runbook_links(tmp_path):
+    """The repository's dashboards/alerts.yaml, every alert of it, with runbook links made absolute."""
+    import yaml
+
+    from controlplane.infra.settings import InfraSettings
+
+    base = "https://example.org/llmctl/blob/main/"
+    settings = InfraSettings(runbook_base_url=base)
+    rec = render(load_spec(ClusterSpec, REFERENCE), settings=settings, dashboards_dir=ROOT / "dashboards")
+    (rule,) = rec.of_kind("PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["metadata"]["namespace"] == "llmctl-monitoring"
+    source = yaml.safe_load((ROOT / "dashboards" / addons.ALERTS_FILE).read_text())
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    expected = [r for g in source["groups"] for r in g["rules"] if "alert" in r]
+    assert [a["alert"] for a in alerts] == [a["alert"] for a in expected] and len(alerts) >= 14
+    assert [a["expr"] for a in alerts] == [a["expr"] for a in expected]
+    for a in alerts:
+        url = a["annotations"]["runbook_url"]
+        assert url.startswith(base + "runbooks/") and (ROOT / url.removeprefix(base)).is_file(), url
+    # the chart selects rules from every namespace (no release label needed)
+    (release,) = [r for r in rec.helm_releases() if r["chart"] == "kube-prometheus-stack"]
+    assert release["values"]["prometheus"]["prometheusSpec"]["ruleSelectorNilUsesHelmValues"] is False
+    # without a base URL the links stay as written; a broken rule file stops the program first
+    plain = render(load_spec(ClusterSpec, REFERENCE), dashboards_dir=ROOT / "dashboards").of_kind("PrometheusRule")
+    assert plain[0]["spec"]["groups"][0]["rules"][0]["annotations"]["runbook_url"].startswith("runbooks/")
+    bad = tmp_path / "dashboards"
+    bad.mkdir()
+    (bad / addons.ALERTS_FILE).write_text("groups:\n  - name: g\n    rules:\n      - alert: NoExpr\n")
+    with pytest.raises(ConfigurationError, match=r"groups\[0\]\.rules\[0\] needs `alert` \(or `record`\) and `expr`"):
+        render(load_spec(ClusterSpec, REFERENCE), dashboards_dir=bad)
+    assert not render(load_spec(ClusterSpec, REFERENCE), dashboards_dir=tmp_path / "none").of_kind("PrometheusRule")
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
