@@ -101,6 +101,7 @@ class KubernetesBackend:
         *,
         storage_root: str | Path | None = None,
         gpu_taint_key: str = "nvidia.com/gpu",
+        cluster_name: str = "local",
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
         poll_s: float = 2.0,
@@ -108,6 +109,7 @@ class KubernetesBackend:
         self.apps, self.core, self.ns, self.metrics = apps, core, namespace, metrics
         self.storage_root = Path(storage_root).expanduser() if storage_root else None
         self.gpu_taint_key = gpu_taint_key
+        self.cluster_name = cluster_name
         self.sleep, self.clock, self.poll_s = sleep, clock, poll_s
 
     @classmethod
@@ -132,6 +134,7 @@ class KubernetesBackend:
             PrometheusMetrics(url),
             storage_root=cluster.storage_root(),
             gpu_taint_key=cluster.kubernetes.gpu_taint_key,
+            cluster_name=cluster.name,
         )
 
     # ------------------------------------------------------------ objects
@@ -194,6 +197,8 @@ class KubernetesBackend:
                 str(HTTP_PORT),
                 "--engine",
                 spec.serve.engine,
+                "--cluster",
+                self.cluster_name,
             ],
             ports=[k.V1ContainerPort(container_port=HTTP_PORT, name="http")],
             env=env,

@@ -71,6 +71,7 @@ class RayServeBackend:
         self.address, self.env = resolve_address(cluster, address)
         root = Path(storage_root).expanduser() if storage_root else cluster.storage_root()
         self.secrets_dir = root / "serving"
+        self.cluster_name = cluster.name
 
     # ------------------------------------------------------------ plumbing
 
@@ -158,6 +159,7 @@ class RayServeBackend:
                 "token_env": opts.token_env,
                 "deployment": {
                     "service": spec.name,
+                    "cluster": self.cluster_name,
                     "rollout_id": rollout_id,
                     "routes": self._routes(spec, {stable: 1.0} if stable else {}),
                     "metrics": {"host": opts.metrics_host, "port": opts.metrics_port},

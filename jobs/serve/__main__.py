@@ -3,7 +3,7 @@
     python -m jobs.serve deploy --address GCS_ADDRESS --config FILE.json
     python -m jobs.serve status --address GCS_ADDRESS          {"apps": {app: status}, "gpus": N} as JSON
     python -m jobs.serve delete --address GCS_ADDRESS [--app NAME]... [--prefix SERVICE]
-    python -m jobs.serve standalone --model-dir DIR --version V [--host H] [--port P]
+    python -m jobs.serve standalone --model-dir DIR --version V [--host H] [--port P] [--cluster C]
 
 `deploy` reads one JSON config:
     {"kind": "router" | "version", "app_name": ..., "route_prefix": "/svc" | null,
@@ -104,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--engine", default="auto")
+    s.add_argument("--cluster", default="local", help="The `cluster` label of the metrics.")
     args = p.parse_args(argv)
     if args.cmd == "standalone":
         from jobs.serve.standalone import run_standalone
 
-        return run_standalone(args.model_dir, args.version, args.host, args.port, args.engine)
+        return run_standalone(args.model_dir, args.version, args.host, args.port, args.engine, args.cluster)
     if args.cmd in ("status", "delete"):
         try:
             result = status(args.address) if args.cmd == "status" else delete(args.address, args.app, args.prefix)

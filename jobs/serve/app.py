@@ -81,7 +81,7 @@ class Router:
         self.service = cfg["service"]
         self.token_digest = cfg.get("token_sha256")
         self.admin_digest = cfg.get("admin_token_sha256")
-        self.metrics = ServeMetrics()
+        self.metrics = ServeMetrics(cfg.get("cluster") or "local")
         m = cfg.get("metrics") or {}
         self.metrics_port = self.metrics.serve(m.get("host", "127.0.0.1"), int(m.get("port", 0)))
         self.routes: dict[str, dict[str, Any]] = {}

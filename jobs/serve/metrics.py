@@ -30,31 +30,34 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 class ServeMetrics:
-    def __init__(self) -> None:
+    """Every series carries the `cluster` label, as the other llmctl_* series do."""
+
+    def __init__(self, cluster: str = "local") -> None:
+        self.cluster = cluster
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "llmctl_serve_requests",
             "Completion requests by serving version and HTTP status code.",
-            ["version", "code"],
+            ["cluster", "version", "code"],
             registry=self.registry,
         )
         self.duration = Histogram(
             "llmctl_serve_request_duration_seconds",
             "Completion request latency as the client sees it, by serving version.",
-            ["version"],
+            ["cluster", "version"],
             buckets=BUCKETS,
             registry=self.registry,
         )
         self.tokens = Counter(
             "llmctl_serve_tokens",
             "Completion tokens generated, by serving version.",
-            ["version"],
+            ["cluster", "version"],
             registry=self.registry,
         )
         self.traffic = Gauge(
             "llmctl_rollout_traffic_ratio",
             "Share of traffic routed to each version (0..1).",
-            ["rollout_id", "version"],
+            ["cluster", "rollout_id", "version"],
             registry=self.registry,
         )
         self._samples: dict[str, deque[tuple[float, int, float]]] = {}
@@ -78,26 +81,26 @@ class ServeMetrics:
     def declare(self, version: str) -> None:
         """Create a version's series at zero, so Prometheus' increase() counts its first requests."""
         for code in ("200", "500"):
-            self.requests.labels(version=version, code=code)
-        self.duration.labels(version=version)
-        self.tokens.labels(version=version)
+            self.requests.labels(cluster=self.cluster, version=version, code=code)
+        self.duration.labels(cluster=self.cluster, version=version)
+        self.tokens.labels(cluster=self.cluster, version=version)
 
     def observe(self, version: str, code: int, seconds: float, completion_tokens: int = 0) -> None:
-        self.requests.labels(version=version, code=str(code)).inc()
+        self.requests.labels(cluster=self.cluster, version=version, code=str(code)).inc()
         if version != "none":
-            self.duration.labels(version=version).observe(seconds)
+            self.duration.labels(cluster=self.cluster, version=version).observe(seconds)
             if completion_tokens:
-                self.tokens.labels(version=version).inc(completion_tokens)
+                self.tokens.labels(cluster=self.cluster, version=version).inc(completion_tokens)
             with self._lock:
                 self._samples.setdefault(version, deque(maxlen=MAX_SAMPLES)).append((time.time(), code, seconds))
 
     def set_traffic(self, rollout_id: str, ratios: dict[str, float], previous: dict[str, float]) -> None:
         for version in previous:
             if version not in ratios:
-                self.traffic.labels(rollout_id=rollout_id, version=version).set(0.0)
+                self.traffic.labels(cluster=self.cluster, rollout_id=rollout_id, version=version).set(0.0)
         for version, ratio in ratios.items():
             self.declare(version)
-            self.traffic.labels(rollout_id=rollout_id, version=version).set(ratio)
+            self.traffic.labels(cluster=self.cluster, rollout_id=rollout_id, version=version).set(ratio)
 
     def window(self, version: str, since: float) -> dict[str, Any]:
         """Exact figures of the requests of `version` that completed at or after `since`."""

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from jobs.serve.openai import LOOPBACK, BadRequest, authorized, completion_response, error_body, token_digest
 
 
-def build_app(engine, version: str, token: str | None):
+def build_app(engine, version: str, token: str | None, cluster: str = "local"):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -29,7 +29,7 @@ def build_app(engine, version: str, token: str | None):
     from jobs.serve.metrics import ServeMetrics
     from jobs.serve.openai import parse_completion_request
 
-    metrics = ServeMetrics()
+    metrics = ServeMetrics(cluster)
     metrics.set_traffic("none", {version: 1.0}, {})
     digest = token_digest(token) if token else None
     pool = ThreadPoolExecutor(max_workers=2)
@@ -81,7 +81,9 @@ def build_app(engine, version: str, token: str | None):
     )
 
 
-def run_standalone(model_dir: str, version: str, host: str, port: int, engine_name: str = "auto") -> int:
+def run_standalone(
+    model_dir: str, version: str, host: str, port: int, engine_name: str = "auto", cluster: str = "local"
+) -> int:
     import uvicorn
 
     from jobs.serve.engine import load_engine
@@ -92,5 +94,5 @@ def run_standalone(model_dir: str, version: str, host: str, port: int, engine_na
         return 2
     engine = load_engine(model_dir, engine_name)
     print(f"serving {version} with {engine.name} on {engine.device} at http://{host}:{port}", file=sys.stderr)
-    uvicorn.run(build_app(engine, version, token), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(build_app(engine, version, token, cluster), host=host, port=port, log_level="warning", access_log=False)
     return 0

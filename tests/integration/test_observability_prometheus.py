@@ -211,13 +211,16 @@ def test_every_panel_query_returns_data(stack):
     assert not empty, "panels with no data:\n" + "\n".join(empty)
 
 
-def test_panels_filtered_to_the_run_and_node_return_data(stack):
+def test_panels_filtered_to_the_cluster_run_and_node_return_data(stack):
+    """A concrete selection, not "All": every series a panel reads must carry the labels it filters on."""
     prom = stack["prom"]
     for d in exported_dashboards():
         for p in d.panels:
             for q in p.queries:
-                expr = substitute(q.expr, range_="1m", rate_interval="5s", run=stack["run_id"], node="node-a")
-                assert prom.query(expr), f"{d.uid} / {p.title} with run and node selected: {expr}"
+                expr = substitute(
+                    q.expr, range_="1m", rate_interval="5s", cluster="local", run=stack["run_id"], node="node-a"
+                )
+                assert prom.query(expr), f"{d.uid} / {p.title} with cluster, run and node selected: {expr}"
 
 
 def test_variables_and_annotations_return_data(stack):

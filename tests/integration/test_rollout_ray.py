@@ -203,6 +203,10 @@ def test_healthy_rollout_under_traffic_loses_no_request(cluster):
     # The metrics endpoint carries the DESIGN.md names.
     svc = store.get_service(ctx.ledger, "svc")
     text = httpx.get(svc["info"]["metrics_url"], timeout=10).text
-    assert 'llmctl_serve_requests_total{code="200",version="canary-s40"}' in text
+    c = ctx.cluster.name  # every series says which cluster it is from, as the dashboards filter on it
+    assert f'llmctl_serve_requests_total{{cluster="{c}",code="200",version="canary-s40"}}' in text
     assert "llmctl_serve_request_duration_seconds_bucket" in text and "llmctl_serve_tokens_total" in text
-    assert f'llmctl_rollout_traffic_ratio{{rollout_id="{row["rollout_id"]}",version="canary-s40"}} 1.0' in text
+    assert (
+        f'llmctl_rollout_traffic_ratio{{cluster="{c}",rollout_id="{row["rollout_id"]}",version="canary-s40"}} 1.0'
+        in text
+    )

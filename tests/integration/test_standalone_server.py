@@ -71,6 +71,8 @@ def test_token_required_metrics_exposed_token_never_logged(tmp_path):
                 str(port),
                 "--engine",
                 "transformers",
+                "--cluster",
+                "gpu-west",
             ],
             env=env,
             stdout=f,
@@ -97,8 +99,8 @@ def test_token_required_metrics_exposed_token_never_logged(tmp_path):
         assert data["object"] == "text_completion" and data["model"] == "sa-s10"
         assert data["usage"]["completion_tokens"] <= 5 and isinstance(data["choices"][0]["text"], str)
         metrics = httpx.get(f"{base}/metrics", timeout=5).text
-        assert 'llmctl_serve_requests_total{code="200",version="sa-s10"} 1.0' in metrics
-        assert 'llmctl_serve_requests_total{code="401",version="none"} 2.0' in metrics
+        assert 'llmctl_serve_requests_total{cluster="gpu-west",code="200",version="sa-s10"} 1.0' in metrics
+        assert 'llmctl_serve_requests_total{cluster="gpu-west",code="401",version="none"} 2.0' in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

@@ -20,7 +20,14 @@ def setup(monkeypatch):
     make_run(ctx, "k8", steps=(10, 20, 30))
     fake = FakeCluster(nodes=4)
     backend = KubernetesBackend(
-        fake.apps, fake.core, "llmctl-serving", fake, storage_root=ctx.storage, sleep=fake.advance, clock=fake.clock
+        fake.apps,
+        fake.core,
+        "llmctl-serving",
+        fake,
+        storage_root=ctx.storage,
+        cluster_name="gpu-west",
+        sleep=fake.advance,
+        clock=fake.clock,
     )
     base = dict(
         name="chat",
@@ -64,6 +71,7 @@ def test_first_version_pods_request_one_gpu_spread_across_nodes(setup):
         SERVICE_LABEL: "chat"
     }
     assert c["args"][c["args"].index("--model-dir") + 1].startswith("/llmctl/runs/k8/artifacts/")
+    assert c["args"][c["args"].index("--cluster") + 1] == "gpu-west"  # the metrics' cluster label
     # The token reaches pods through a Secret, never the pod spec.
     assert "s3cret-token" not in str(d) and fake.secrets["chat-serve-token"]["stringData"]["token"] == "s3cret-token"
     nodes = [p["node"] for p in pods_of(fake, "k8-s10")]

@@ -41,7 +41,7 @@ def test_stop_and_auth():
 
 
 def test_metrics_window_and_names():
-    m = ServeMetrics()
+    m = ServeMetrics("eu-1")
     for i in range(100):
         m.observe("v1", 500 if i < 3 else 200, i / 100, completion_tokens=2)
     w = m.window("v1", 0)
@@ -51,7 +51,8 @@ def test_metrics_window_and_names():
     from prometheus_client import generate_latest
 
     text = generate_latest(m.registry).decode()
-    assert 'llmctl_serve_requests_total{code="500",version="v1"} 3.0' in text
-    assert 'llmctl_serve_tokens_total{version="v1"} 200.0' in text
-    assert 'llmctl_rollout_traffic_ratio{rollout_id="r1",version="v1"} 1.0' in text
+    assert 'llmctl_serve_requests_total{cluster="eu-1",code="500",version="v1"} 3.0' in text
+    assert 'llmctl_serve_tokens_total{cluster="eu-1",version="v1"} 200.0' in text
+    assert 'llmctl_serve_request_duration_seconds_count{cluster="eu-1",version="v1"} 100.0' in text
+    assert 'llmctl_rollout_traffic_ratio{cluster="eu-1",rollout_id="r1",version="v1"} 1.0' in text
     assert percentile([], 99) is None and percentile([1.0], 99) == 1.0
