@@ -23,6 +23,7 @@ from controlplane.states import RunState
 from controlplane.supervisor.goodput import Goodput, compute
 
 RECENT_S = 7 * 24 * 3600.0  # ended runs stay exported this long
+LIVE_REFRESH_S = 60.0  # a live run's goodput is recomputed (a pass over its events) at most this often
 
 
 def run_goodput(ctx: Context, run: dict[str, Any], now: float | None = None) -> Goodput:
@@ -34,17 +35,23 @@ def run_goodput(ctx: Context, run: dict[str, Any], now: float | None = None) -> 
 class SupervisorCollector(Collector):
     def __init__(self, ctx: Context):
         self.ctx = ctx
-        self._cache: dict[str, tuple[Any, Goodput]] = {}
+        self._cache: dict[str, tuple[Any, float, Goodput]] = {}
 
     def _goodput(self, run: dict[str, Any], now: float) -> Goodput:
+        """Cached: an ended run's until its record changes; a live run's for LIVE_REFRESH_S unless
+        its state moved (a scrape every 15 s must not re-read a month of events each time)."""
         events = RunDir(Path(run["run_dir"])).events_file
         size = events.stat().st_size if events.exists() else 0
         key = (size, run["state"], run["updated_at"])
         hit = self._cache.get(run["run_id"])
-        if hit is not None and hit[0] == key and RunState(run["state"]).is_terminal:
-            return hit[1]
+        if hit is not None:
+            (h_size, h_state, h_updated), at, g = hit
+            if hit[0] == key and RunState(run["state"]).is_terminal:
+                return g
+            if not RunState(run["state"]).is_terminal and h_state == run["state"] and now - at < LIVE_REFRESH_S:
+                return g
         g = run_goodput(self.ctx, run, now)
-        self._cache[run["run_id"]] = (key, g)
+        self._cache[run["run_id"]] = (key, now, g)
         return g
 
     def collect(self) -> Iterator[Any]:

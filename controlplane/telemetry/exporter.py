@@ -109,7 +109,7 @@ class TelemetryExporter:
                 joules = sum(
                     float(g.get("energy_j") or 0.0) for r in read_energy_records(rd.path) for g in r.get("gpus", [])
                 )
-                tokens = tokens_from_events(rd.events({EV_STEP}))
+                tokens = tokens_from_events(rd.recent_events(types={EV_STEP}))  # cumulative: the end suffices
             except (OSError, ValueError, TypeError):
                 continue
             if tokens and joules > 0:

@@ -118,3 +118,23 @@ def test_metrics_collector_and_endpoint():
         assert "llmctl_train_goodput_ratio" in body
     finally:
         server.shutdown()
+
+
+def test_live_goodput_is_recomputed_at_most_every_refresh_interval(monkeypatch):
+    from controlplane.supervisor import metrics
+
+    ctx = Context.load()
+    rd = recorded_run(ctx)
+    ctx.ledger._conn.execute("UPDATE runs SET state = 'running' WHERE run_id = 'gp-run'")
+    passes = []
+    real = metrics.run_goodput
+    monkeypatch.setattr(metrics, "run_goodput", lambda *a, **k: passes.append(1) or real(*a, **k))
+    collector = SupervisorCollector(ctx)
+    run, t0 = ctx.ledger.get_run("gp-run"), time.time()
+    first = collector._goodput(run, t0)
+    rd.append_event("step", 2, step=21, step_time_s=1.0)  # the file grows every second in a live run
+    assert collector._goodput(run, t0 + 15) is first and len(passes) == 1  # the next scrape: cached
+    assert collector._goodput(run, t0 + metrics.LIVE_REFRESH_S + 1) is not first and len(passes) == 2
+    ctx.ledger._conn.execute("UPDATE runs SET state = 'recovering' WHERE run_id = 'gp-run'")
+    collector._goodput(ctx.ledger.get_run("gp-run"), t0 + metrics.LIVE_REFRESH_S + 2)  # a state change: at once
+    assert len(passes) == 3
