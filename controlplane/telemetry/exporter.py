@@ -9,7 +9,9 @@ Prometheus treats as absent). Besides the GPU metrics of DESIGN.md it serves
 (`source="fake"` when fed by the fake NVML), `llmctl_gpu_lost` (1 for a GPU NVML lost) and,
 for each run on this node, `llmctl_train_energy_joules_per_token{run_id}` (whole-run GPU
 energy from the run directory over its tokens, refreshed every `jpt_every_s`).
-After each sample the node's health file is updated (`controlplane.telemetry.health`).
+After each sample the node's health file is updated (`controlplane.telemetry.health`); once
+every `leases_every_s` the power limits of GPUs whose capping worker died are given back
+(`controlplane.telemetry.power_leases`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
 from controlplane.rundir import EV_STEP, RunDir
+from controlplane.telemetry import power_leases
 from controlplane.telemetry.assignments import gpu_runs, read_assignments
 from controlplane.telemetry.health import HealthTracker
 from controlplane.telemetry.meter import read_energy_records
@@ -46,6 +49,7 @@ class TelemetryExporter:
         interval_s: float = 1.0,
         jpt_every_s: float = 15.0,
         assignments_every_s: float = 5.0,
+        leases_every_s: float = 60.0,
     ):
         self.sampler = sampler
         self.cluster = cluster
@@ -55,6 +59,8 @@ class TelemetryExporter:
         self.interval_s = interval_s
         self.jpt_every_s = jpt_every_s
         self.assignments_every_s = assignments_every_s
+        self.leases_every_s = leases_every_s
+        self._leases_at: float | None = None
         self._records: list[dict[str, Any]] = []
         self._records_at: float | None = None
         self.health = HealthTracker(self.storage_root, node) if self.storage_root else None
@@ -83,6 +89,13 @@ class TelemetryExporter:
                 except OSError as exc:
                     log.debug("telemetry: assignments unreadable: %s", exc)
             runs = gpu_runs(self._records, [(g.index, g.uuid) for g in sample.gpus])
+            if self._leases_at is None or now - self._leases_at >= self.leases_every_s:
+                self._leases_at = now  # GPUs a killed worker left capped get their limit back
+                handles = self.sampler.handles()
+                uuids = {g.index: g.uuid for g in sample.gpus if g.uuid}
+                power_leases.reclaim(
+                    power_leases.lease_dir(self.storage_root, self.node), self.sampler.nvml, handles, uuids
+                )
             if self.health is not None:
                 try:
                     self.health.update(sample)

@@ -25,7 +25,9 @@ The training job calls, on each worker, before training:
   (`status="no_permission"`). Without a GPU or NVML: `status="no_gpu"`, nothing happens.
 
 The decision is written to `<run_dir>/telemetry/power/a<attempt>-<node>-<pid>.json` when a run
-directory is given; `llmctl run energy` records it in the ledger.
+directory is given; `llmctl run energy` records it in the ledger. With a `lease_dir`, every limit
+set is also leased (`power_leases`): a worker killed before `restore()` leaves a lease from which
+the next worker on that GPU, or the node's exporter, restores the limit it found.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from typing import Any
 
 from controlplane.rundir import write_atomic
 from controlplane.spec import PowerSpec
+from controlplane.telemetry import power_leases
 from controlplane.telemetry.sampler import STATUS_OK, NvmlSampler, nvml_error_kind
 
 log = logging.getLogger(__name__)
@@ -139,6 +142,18 @@ class PowerHandle:
     _nvml: Any = field(default=None, repr=False)
     _handles: dict[int, Any] = field(default_factory=dict, repr=False)
     _sampler: NvmlSampler | None = field(default=None, repr=False)
+    _lease_dir: Path | None = field(default=None, repr=False)
+    _uuids: dict[int, str] = field(default_factory=dict, repr=False)
+    _run_dir: Any = field(default=None, repr=False)
+
+    def set_limits(self, watts: float) -> None:
+        """Set every GPU's limit (leased first, so a death right after still restores it)."""
+        if self._lease_dir is not None:
+            for index in self._handles:
+                original = self.original_limits_w.get(index)
+                if original is not None and index in self._uuids:
+                    power_leases.write_lease(self._lease_dir, index, self._uuids[index], original, watts, self._run_dir)
+        _set_all(self._nvml, self._handles, watts)
 
     def restore(self) -> None:
         """Put every GPU's limit back as found. Idempotent; failures are logged, never raised."""
@@ -153,6 +168,9 @@ class PowerHandle:
                 self._nvml.nvmlDeviceSetPowerManagementLimit(handle, int(round(watts * 1000)))
             except Exception as exc:
                 log.warning("power: could not restore GPU %d to %.0f W: %s", index, watts, exc)
+                continue
+            if self._lease_dir is not None and index in self._uuids:
+                power_leases.remove_lease(self._lease_dir, self._uuids[index])
         if self._sampler is not None:
             self._sampler.close()
             self._sampler = None
@@ -221,6 +239,7 @@ def apply_power_policy(
     node: str | None = None,
     sample_interval_s: float = 0.1,
     warmup: bool = True,
+    lease_dir: str | Path | None = None,
 ) -> PowerHandle:
     """Apply `power` to the GPUs `gpu_indices` (NVML indices) of this worker. See the module doc."""
     requested = power.cap_watts
@@ -239,25 +258,32 @@ def apply_power_policy(
     nvml = sampler.nvml
     handles = sampler.handles()
     first = sampler.sample()
+    uuids = {g.index: g.uuid for g in first.gpus if g.uuid}
+    if lease_dir is not None and power_leases.reclaim(Path(lease_dir), nvml, handles, uuids):
+        first = sampler.sample()  # the limits as they were before a dead worker capped them
     lo = max((g.power_limit_min_w for g in first.gpus if g.power_limit_min_w is not None), default=None)
     hi = min((g.power_limit_max_w for g in first.gpus if g.power_limit_max_w is not None), default=None)
-    handle = PowerHandle("error", "", requested, _nvml=nvml, _handles=handles, _sampler=sampler)
+    handle = PowerHandle("error", "", requested, _nvml=nvml, _handles=handles, _sampler=sampler, _uuids=uuids)
+    handle._lease_dir, handle._run_dir = (Path(lease_dir) if lease_dir is not None else None), run_dir
     handle.original_limits_w = {g.index: g.power_limit_w for g in first.gpus if g.power_limit_w is not None}
     try:
         if requested == "auto":
             if lo is None or hi is None:
                 handle.status, handle.message = "error", "power: GPU does not report its limit range; running uncapped"
             else:
-                _calibrate(handle, power, sampler, handles, measure, lo, hi, sample_interval_s, warmup)
+                _calibrate(handle, power, sampler, measure, lo, hi, sample_interval_s, warmup)
         else:
             watts = clamp_limit(float(requested), lo, hi)
-            _set_all(nvml, handles, watts)
+            handle.set_limits(watts)
             note = (
                 "" if watts == float(requested) else f" (asked {float(requested):.0f} W, allowed {lo:.0f}-{hi:.0f} W)"
             )
             handle.status, handle.applied_limit_w = "capped", watts
             handle.message = f"power: {len(handles)} GPU(s) capped at {watts:.0f} W{note}"
     except _NoPermission:
+        if handle._lease_dir is not None:
+            for uuid in uuids.values():
+                power_leases.remove_lease(handle._lease_dir, uuid)
         handle.status = "no_permission"
         handle.message = "power: no permission to set GPU power limits (needs root or CAP_SYS_ADMIN); running uncapped"
         handle.original_limits_w = {}
@@ -275,25 +301,23 @@ def _calibrate(
     handle: PowerHandle,
     power: PowerSpec,
     sampler: NvmlSampler,
-    handles: dict[int, Any],
     measure: Callable[[], tuple[float, float]],
     lo: float,
     hi: float,
     interval_s: float,
     warmup: bool,
 ) -> None:
-    nvml = sampler.nvml
     limits = candidate_limits(lo, hi)
-    _set_all(nvml, handles, limits[0])
+    handle.set_limits(limits[0])
     if warmup:
         measure()
     for watts in limits:
-        _set_all(nvml, handles, watts)
+        handle.set_limits(watts)
         (tokens, seconds), joules = _window_energy(sampler, measure, interval_s)
         if tokens > 0 and seconds > 0:
             handle.calibration.append(CalibrationPoint(watts, tokens / seconds, joules / tokens))
     choice = choose_power_limit(handle.calibration, power.max_slowdown)
-    _set_all(nvml, handles, choice.limit_w)
+    handle.set_limits(choice.limit_w)
     handle.choice, handle.applied_limit_w, handle.status = choice, choice.limit_w, "calibrated"
     handle.message = f"power: calibrated over {len(limits)} limits, chose {choice.reason}"
 

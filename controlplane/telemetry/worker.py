@@ -25,6 +25,7 @@ from controlplane.spec import PowerSpec
 from controlplane.telemetry.assignments import Assignment, assign_gpus, cuda_visible_gpus, default_node_name
 from controlplane.telemetry.meter import EnergyMeter
 from controlplane.telemetry.power import PowerHandle, apply_power_policy
+from controlplane.telemetry.power_leases import lease_dir
 from controlplane.telemetry.sampler import STATUS_OK, NvmlSampler
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,16 @@ def start_worker_telemetry(
     if power.cap_watts == "auto" and measure is None:
         log.warning("telemetry: cap_watts 'auto' without a calibration callback; limits left alone")
         power = power.model_copy(update={"cap_watts": None})
-    handle = apply_power_policy(power, indices, nvml=nvml, measure=measure, run_dir=run_dir, attempt=attempt, node=node)
+    handle = apply_power_policy(
+        power,
+        indices,
+        nvml=nvml,
+        measure=measure,
+        run_dir=run_dir,
+        attempt=attempt,
+        node=node,
+        lease_dir=lease_dir(storage_root, node),
+    )
     meter = None
     if gpus:
         meter = EnergyMeter(

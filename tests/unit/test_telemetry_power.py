@@ -208,3 +208,65 @@ def test_worker_telemetry_on_fake_gpus_and_on_cpu(tmp_path):
     tel = start_worker_telemetry(PowerSpec(cap_watts="auto"), run_dir, 2, tmp_path, node="n1", nvml=cpu)
     assert tel.gpus == [] and tel.meter is None and tel.power.status == "unchanged"
     tel.stop()
+
+
+# ------------------------------------------------------------------ a worker killed before restore()
+
+
+def _dead_lease_holder(directory, leases: list[tuple[int, str, float, float]]) -> int:
+    """A real process writes leases (as a capping worker does), then is SIGKILLed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, time, json\n"
+        "from controlplane.telemetry.power_leases import write_lease\n"
+        f"for i, u, o, a in json.loads({json.dumps(json.dumps(leases))}):\n"
+        f"    write_lease({str(directory)!r}, i, u, o, a, None)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    assert proc.stdout.readline().strip() == "ready"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    time.sleep(0.05)
+    return proc.pid
+
+
+def test_a_gpu_left_capped_by_a_killed_worker_gets_its_limit_back(tmp_path, caplog):
+    from controlplane.telemetry import power_leases
+
+    fake = FakeNvml(3)
+    d = power_leases.lease_dir(tmp_path, "node-a")
+    default_w = fake.gpu(0).default_limit_mw / 1000
+    u = [fake.gpu(i).uuid for i in range(3)]
+    pid = _dead_lease_holder(d, [(0, u[0], default_w, 250.0), (1, u[1], default_w, 250.0), (2, u[2], default_w, 250.0)])
+    fake.gpu(0).limit_mw = 250_000  # what the dead worker left
+    fake.gpu(1).limit_mw = 275_000  # changed by someone since: not ours to undo
+    fake.gpu(2).limit_mw = 250_000
+    with caplog.at_level(logging.WARNING):
+        handle = apply_power_policy(PowerSpec(cap_watts=300), [0, 1], nvml=fake, lease_dir=d)
+    assert f"GPU 0 was left at 250 W by pid {pid}" in caplog.text and "GPU 1 was left" not in caplog.text
+    assert handle.original_limits_w == {0: default_w, 1: 275.0}
+    assert fake.gpu(0).limit_mw == fake.gpu(1).limit_mw == 300_000
+    mine = {json.loads(p.read_text())["gpu_index"]: json.loads(p.read_text()) for p in d.glob("*.json")}
+    assert mine[0]["applied_w"] == 300 and mine[0]["original_w"] == default_w and mine[1]["original_w"] == 275.0
+    assert mine[2]["pid"] == pid  # not a GPU of this worker: left for the exporter
+    # a live holder is never touched
+    assert power_leases.reclaim(d, fake, {0: fake.gpu(0).handle}, {0: u[0]}) == []
+    handle.restore()
+    assert fake.gpu(0).limit_mw == default_w * 1000 and fake.gpu(1).limit_mw == 275_000
+    assert [json.loads(p.read_text())["gpu_index"] for p in d.glob("*.json")] == [2]
+
+    # the node exporter gives GPU 2 back on its next look
+    from controlplane.telemetry.exporter import TelemetryExporter
+    from controlplane.telemetry.sampler import NvmlSampler
+
+    exporter = TelemetryExporter(NvmlSampler(fake), "c", "node-a", storage_root=tmp_path, leases_every_s=0)
+    exporter.sampler.open()
+    exporter.step()
+    assert fake.gpu(2).limit_mw == default_w * 1000 and not list(d.glob("*.json"))
