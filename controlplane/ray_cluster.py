@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 
 from controlplane.errors import LlmctlError, RetryableError, UserError
+from controlplane.procs import pid_alive
 from controlplane.rundir import RunDir, write_atomic
 from controlplane.spec import ClusterSpec
 
@@ -82,18 +83,7 @@ def free_port() -> int:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as dead.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
+    return pid_alive(pid)  # a zombie child of ours counts as dead
 
 
 def _ray_bin() -> str:

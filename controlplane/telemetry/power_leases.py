@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from controlplane.procs import pid_alive, proc_start
 from controlplane.rundir import write_atomic
 
 log = logging.getLogger(__name__)
@@ -35,15 +36,6 @@ def _safe(uuid: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in uuid) or "gpu"
 
 
-def _proc_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (tells a reused pid apart)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22 counts from the pid; 20 after the ")"
-
-
 def _pid_ns() -> str | None:
     try:
         return os.readlink("/proc/self/ns/pid")
@@ -51,22 +43,10 @@ def _pid_ns() -> str | None:
         return None
 
 
-def process_alive(pid: int, start: str | None) -> bool:
-    if _proc_start(pid) is None:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return start is None  # no /proc: a live pid is taken as the same process
-    return start is None or _proc_start(pid) == start
-
-
 def write_lease(directory: Path, gpu_index: int, uuid: str, original_w: float, applied_w: float, run_dir: Any) -> None:
     rec = {
         "pid": os.getpid(),
-        "pid_start": _proc_start(os.getpid()),
+        "pid_start": proc_start(os.getpid()),
         "pid_ns": _pid_ns(),
         "gpu_index": gpu_index,
         "gpu_uuid": uuid,
@@ -97,7 +77,7 @@ def reclaim(directory: Path, nvml: Any, handles: dict[int, Any], uuids: dict[int
             index = by_uuid.get(str(rec.get("gpu_uuid")))
             if index is None or rec.get("pid_ns") != _pid_ns():
                 continue  # not a GPU of ours, or a process we cannot see
-            if process_alive(int(rec["pid"]), rec.get("pid_start")):
+            if pid_alive(int(rec["pid"]), rec.get("pid_start")):
                 continue
             handle = handles[index]
             current_w = nvml.nvmlDeviceGetPowerManagementLimit(handle) / 1000.0

@@ -1,0 +1,40 @@
+"""Is a process alive? By pid, read from /proc where there is one.
+
+A zombie counts as dead (its parent has not reaped it yet), and a pid that was reused by a new
+process is told apart by the start time recorded with it (`proc_start`).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name: field 3 (state) first; None without it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22), or None."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
+def pid_alive(pid: int, start: str | None = None) -> bool:
+    """`pid` runs (and, given `start`, is still the process that started then)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process: it exists
+    fields = _stat_fields(pid)
+    if fields is None:
+        return True  # no /proc to ask: the pid exists
+    if fields[0] == "Z":
+        return False
+    return start is None or (len(fields) > 19 and fields[19] == start)
