@@ -82,10 +82,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _alive(pid: int) -> bool:
-    return pid_alive(pid)  # a zombie child of ours counts as dead
-
-
 def _ray_bin() -> str:
     candidate = Path(sys.executable).with_name("ray")
     return str(candidate) if candidate.exists() else "ray"
@@ -136,7 +132,7 @@ def _kill_group(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
         while time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
-            if not _alive(pid) and not _group_alive(pid):
+            if not pid_alive(pid) and not _group_alive(pid):
                 return
             time.sleep(0.1)
 
@@ -169,7 +165,7 @@ def up(cluster: ClusterSpec, num_cpus: int | None = None, worker_nodes: int | No
     existing = read_state(cluster)
     if existing is not None:
         token = Path(existing.token_file).read_text().strip() if Path(existing.token_file).exists() else ""
-        if _alive(existing.nodes[0].pid) and _dashboard_ok(existing.dashboard_url, token):
+        if pid_alive(existing.nodes[0].pid) and _dashboard_ok(existing.dashboard_url, token):
             return existing
         down(cluster)  # stale: whatever is left of it goes, then start afresh
     token_file = ensure_token(cluster)
@@ -257,7 +253,7 @@ def _wait(check: Any, what: str, pid: int, timeout: float = START_TIMEOUT_S) -> 
     while time.monotonic() < deadline:
         if check():
             return
-        if not _alive(pid):
+        if not pid_alive(pid):
             raise RetryableError(f"{what} exited during start")
         time.sleep(0.5)
     raise RetryableError(f"{what} did not come up within {timeout:.0f}s")
@@ -274,7 +270,7 @@ def down(cluster: ClusterSpec) -> bool:
     if state is None:
         path.unlink(missing_ok=True)
         return False
-    was_running = any(_alive(n.pid) for n in state.nodes)
+    was_running = any(pid_alive(n.pid) for n in state.nodes)
     for node in reversed(state.nodes):
         _kill_group(node.pid)
     path.unlink(missing_ok=True)
@@ -302,7 +298,7 @@ def kill_node(cluster: ClusterSpec, index: int) -> int:
 def _token_and_url(cluster: ClusterSpec) -> tuple[str, str]:
     if cluster.kind == "local":
         state = read_state(cluster)
-        if state is None or not _alive(state.nodes[0].pid):
+        if state is None or not pid_alive(state.nodes[0].pid):
             raise ClusterNotRunning("the local Ray cluster is not up: run `llmctl cluster up`")
         return state.dashboard_url, Path(state.token_file).read_text().strip()
     if not cluster.address:
@@ -334,9 +330,9 @@ def status(cluster: ClusterSpec) -> dict[str, Any]:
             dashboard=state.dashboard_url,
             gcs_address=state.gcs_address,
             started_at=state.started_at,
-            processes=[{"pid": n.pid, "role": n.role, "alive": _alive(n.pid)} for n in state.nodes],
+            processes=[{"pid": n.pid, "role": n.role, "alive": pid_alive(n.pid)} for n in state.nodes],
         )
-        if not _alive(state.nodes[0].pid):
+        if not pid_alive(state.nodes[0].pid):
             out["stale"] = True
             return out
     try:

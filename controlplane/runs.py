@@ -86,7 +86,7 @@ def status_summary(ctx: Context, run: dict[str, Any], run_dir: RunDir, total_ste
     """`summarize` over the recent events only, so it costs the same on day 30 as on day 1;
     what the window cannot know comes from the ledger (checkpoints) and the file's head (first loss)."""
     start = run_dir.recent_offset()
-    s = summarize(run_dir.recent_events(), total_steps)
+    s = summarize([e for _, e in run_dir.iter_events(start)], total_steps)
     size = run_dir.events_file.stat().st_size if run_dir.events_file.exists() else 0
     s["events_window"] = {"from_byte": start, "bytes": size - start, "size": size}
     if start:

@@ -45,10 +45,11 @@ class SupervisorCollector(Collector):
         key = (size, run["state"], run["updated_at"])
         hit = self._cache.get(run["run_id"])
         if hit is not None:
-            (h_size, h_state, h_updated), at, g = hit
-            if hit[0] == key and RunState(run["state"]).is_terminal:
-                return g
-            if not RunState(run["state"]).is_terminal and h_state == run["state"] and now - at < LIVE_REFRESH_S:
+            hit_key, at, g = hit
+            if RunState(run["state"]).is_terminal:
+                if hit_key == key:
+                    return g
+            elif hit_key[1] == run["state"] and now - at < LIVE_REFRESH_S:
                 return g
         g = run_goodput(self.ctx, run, now)
         self._cache[run["run_id"]] = (key, now, g)

@@ -125,30 +125,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def capture(model, optimizer, scheduler, counters: Counters) -> dict[str, Any]:
-    """A deep copy of the whole replica state in host memory."""
+def _state(
+    model, optimizer, scheduler, counters: Counters, tensor: Callable[[tuple, torch.Tensor], torch.Tensor], rng=None
+) -> dict[str, Any]:
+    """The replica state in the checkpoint's shape; each tensor is `tensor(path, t)`, the rest copied."""
     return {
-        "model": _map_tensors(model.state_dict(), _host_copy),
-        "optimizer": _map_tensors(optimizer.state_dict(), _host_copy),
+        "model": _map_tensors(model.state_dict(), tensor, ("model",)),
+        "optimizer": _map_tensors(optimizer.state_dict(), tensor, ("optimizer",)),
         "scheduler": copy.deepcopy(scheduler.state_dict()),
-        "rng": rng_state(),
+        "rng": rng if rng is not None else rng_state(),
         "counters": copy.deepcopy(counters.as_dict()),
     }
 
 
-def _host_copy(_: tuple, t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True)
+def capture(model, optimizer, scheduler, counters: Counters) -> dict[str, Any]:
+    """A deep copy of the whole replica state in host memory."""
+    return _state(model, optimizer, scheduler, counters, lambda _, t: t.detach().to("cpu", copy=True))
 
 
 def live_state(model, optimizer, scheduler, counters: Counters) -> dict[str, Any]:
     """The state without copying tensors: for a synchronous save, written before training goes on."""
-    return {
-        "model": _map_tensors(model.state_dict(), lambda _, t: t.detach().cpu()),
-        "optimizer": _map_tensors(optimizer.state_dict(), lambda _, t: t.detach().cpu()),
-        "scheduler": copy.deepcopy(scheduler.state_dict()),
-        "rng": rng_state(),
-        "counters": copy.deepcopy(counters.as_dict()),
-    }
+    return _state(model, optimizer, scheduler, counters, lambda _, t: t.detach().cpu())
 
 
 _ATOMS = (int, float, str, bool, type(None))
@@ -220,13 +217,7 @@ class HostStaging:
             return buf
 
         try:
-            state = {
-                "model": _map_tensors(model.state_dict(), to_buffer, ("model",)),
-                "optimizer": _map_tensors(optimizer.state_dict(), to_buffer, ("optimizer",)),
-                "scheduler": copy.deepcopy(scheduler.state_dict()),
-                "rng": self._rng,
-                "counters": copy.deepcopy(counters.as_dict()),
-            }
+            state = _state(model, optimizer, scheduler, counters, to_buffer, rng=self._rng)
             device = next((src.device for _, src in pairs if src.is_cuda), None)
             if device is None:
                 for buf, src in pairs:

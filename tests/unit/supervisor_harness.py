@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from controlplane.ledger import Ledger
+from controlplane.procs import pid_alive
 from controlplane.rundir import RunDir
 from controlplane.spec import RunSpec, dump_spec
 from controlplane.supervisor.policy import JobStatus
@@ -29,12 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _alive(pid: int) -> bool:
     with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child and done
+    return pid_alive(pid)
 
 
 class ProcessJobs:
