@@ -130,7 +130,7 @@ def _calibration(run_id: str, cluster_file: str | None, run):
     from controlplane.errors import UserError
     from controlplane.planning.calibrate import calibrate as measure
     from controlplane.spec import check_run_id
-    from controlplane.supervisor.policy import backoff_delay_s
+    from controlplane.supervisor.rules import backoff_delay_s
 
     ctx = Context.load(cluster_file)
     attempts, checkpoints = [], []

@@ -67,7 +67,7 @@ def supervise(
 
 def start_detached(ctx: Context, cluster: str | None, interval: float = 2.0, metrics_port: int | None = None) -> int:
     """Start `llmctl supervise` in the background; SupervisorBusy if one already runs here."""
-    from controlplane.supervisor.loop import SupervisorLock
+    from controlplane.supervisor.ports import SupervisorLock
 
     lock = SupervisorLock(ctx.storage)
     lock.acquire()  # fail here, in the foreground, if one is already running
@@ -88,7 +88,7 @@ def start_detached(ctx: Context, cluster: str | None, interval: float = 2.0, met
 
 def ensure_supervisor(ctx: Context, cluster: str | None) -> tuple[int | None, bool]:
     """(pid, started): the supervisor running on this storage root, started in the background if none."""
-    from controlplane.supervisor.loop import SupervisorBusy, SupervisorLock
+    from controlplane.supervisor.ports import SupervisorBusy, SupervisorLock
 
     try:
         return start_detached(ctx, cluster), True

@@ -28,7 +28,7 @@ Conventions (stated once, used everywhere):
   or `llmctl simulate --calibrate RUN`).
 - Checkpoint interval: the supervisor's Young/Daly sqrt(2 x blocking cost x cluster MTBF)
   (the cost is the time the step is blocked; the background persist does not stop training)
-  (`controlplane.supervisor.policy.young_daly_interval`), never shorter than the time to persist
+  (`controlplane.supervisor.rules.young_daly_interval`), never shorter than the time to persist
   one checkpoint (saves would queue up otherwise).
 """
 
@@ -41,7 +41,7 @@ from typing import Any
 from controlplane.errors import ConfigurationError, UserError
 from controlplane.planning.gpus import GpuModel, gpu
 from controlplane.spec import ClusterSpec, LlamaDims, ParallelismSpec, RunSpec
-from controlplane.supervisor.policy import young_daly_interval
+from controlplane.supervisor.rules import young_daly_interval
 
 BYTES_WEIGHT = 2  # bf16 weights
 BYTES_GRAD = 2  # bf16 gradients

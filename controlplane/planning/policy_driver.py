@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from controlplane.spec import FaultToleranceSpec
 from controlplane.states import RunState
 from controlplane.supervisor import policy as P
+from controlplane.supervisor import rules
 
 # How each failure kind of the failure model appears to the supervisor.
 _FAILURE_KIND = {"crash": "worker_died", "numerical": "loss_spike"}
@@ -42,7 +43,7 @@ class PolicyDriver:
     skip_steps: tuple[tuple[int, int], ...] = ()
 
     def hang_timeout_s(self) -> float:
-        return P.hang_timeout_s(self.spec, self.step_s)
+        return rules.hang_timeout_s(self.spec, self.step_s)
 
     def on_failure(
         self,
@@ -71,7 +72,7 @@ class PolicyDriver:
             last_step_at=last_step_at,
             median_step_s=self.step_s,
             restarts=self.restarts,
-            restarts_without_progress=P.restarts_without_progress(self.progressed),
+            restarts_without_progress=rules.restarts_without_progress(self.progressed),
             rollbacks=self.rollbacks,
             verified_steps=tuple(v for v in verified_steps if v > 0),
             skip_steps=self.skip_steps,

@@ -17,8 +17,7 @@ One pass over a run:
    (ledger.next_attempt, RunDir.set_fence, then the Jobs API), write the checkpoint interval.
 
 Crash safety: see README.md in this package. One supervisor per storage root: a
-`SupervisorLock` (ports.py). `JobsPort`, `RayJobs`, `SupervisorBusy` and `SupervisorLock` are
-importable from here too.
+`SupervisorLock` (ports.py).
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from controlplane.rundir import RunDir, write_atomic
 from controlplane.spec import RunSpec, read_record
 from controlplane.states import AttemptState, RunState
 from controlplane.supervisor import policy as P
-from controlplane.supervisor import store
+from controlplane.supervisor import rules, store
 from controlplane.supervisor.nodes import EXCLUDE_ENV, read_health
 from controlplane.supervisor.ports import JobsPort, RayJobs, SupervisorBusy, SupervisorLock, submission_id
 from controlplane.supervisor.track import NODE_FAULTS, RunTrack
@@ -243,7 +242,7 @@ class Supervisor:
             failures=failures,
             recent_losses=tuple(track.losses) if track.losses_attempt == n else (),
             restarts=max(0, n - 1),
-            restarts_without_progress=P.restarts_without_progress(progressed),
+            restarts_without_progress=rules.restarts_without_progress(progressed),
             rollbacks=track.rollbacks,
             verified_steps=tuple(s for s in verified if s not in poisoned),
             poisoned_steps=tuple(sorted(poisoned)),
@@ -251,7 +250,7 @@ class Supervisor:
             nodes=nodes,
             pending=pending,
             save_cost_s=track.save_cost_s(),
-            mtbf_s=P.mtbf_estimate_s(elapsed, track.failure_count, prior),
+            mtbf_s=rules.mtbf_estimate_s(elapsed, track.failure_count, prior),
             interval_steps=track.interval_steps,
         )
 

@@ -12,13 +12,13 @@ from its own model of the world and calls the same `decide`. Every input is plai
 (ints, floats, strings, tuples of frozen dataclasses); times are seconds since the epoch
 (or any one clock, consistently); steps are 1-based completed global steps.
 
-Stable API (keep it so the simulator keeps working; the arithmetic helpers live in
-`controlplane.supervisor.rules` and are re-exported here):
+Stable API (keep it so the simulator keeps working; the arithmetic helpers — hang_timeout_s,
+backoff_delay_s, rollback_plan, numerical_fault, young_daly_interval, interval_steps,
+mtbf_estimate_s, restarts_without_progress — live in `controlplane.supervisor.rules`):
     Observed, Heartbeat, Failure, NodeStatus, PendingRestart, JobStatus  (inputs)
     Submit, StopJob, Backoff, MarkRunning, MarkRecovering, MarkSucceeded, MarkFailed,
     MarkStopped, RecordIncident, ExcludeNode, SetCheckpointInterval       (actions)
-    decide, hang_timeout_s, backoff_delay_s, rollback_plan, numerical_fault,
-    young_daly_interval, interval_steps, mtbf_estimate_s, restarts_without_progress
+    decide
 
 The rules (each unit-tested in tests/unit/test_supervisor_policy.py):
 - Restart budget: a failed attempt is restarted while `restarts < max_restarts`; then
@@ -48,16 +48,13 @@ from enum import StrEnum
 
 from controlplane.spec import CheckpointSpec, FaultToleranceSpec
 from controlplane.states import RunState
-from controlplane.supervisor.rules import (  # noqa: F401  (re-exported: the stable API)
+from controlplane.supervisor.rules import (
     DEFAULT_MTBF_S,
     backoff_delay_s,
     hang_timeout_s,
     interval_steps,
-    mtbf_estimate_s,
     numerical_fault,
-    restarts_without_progress,
     rollback_plan,
-    young_daly_interval,
 )
 
 NUMERICAL = frozenset({"nan_loss", "loss_spike"})

@@ -14,8 +14,8 @@ from controlplane.context import Context
 from controlplane.rundir import RunDir
 from controlplane.states import AttemptState, RunState
 from controlplane.supervisor import store
-from controlplane.supervisor.loop import SupervisorLock
 from controlplane.supervisor.metrics import SupervisorCollector, serve
+from controlplane.supervisor.ports import SupervisorLock
 
 runner = CliRunner()
 

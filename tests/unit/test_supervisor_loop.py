@@ -22,8 +22,9 @@ from controlplane.context import Context
 from controlplane.errors import RetryableError
 from controlplane.spec import RunSpec
 from controlplane.supervisor import store
-from controlplane.supervisor.loop import Supervisor, SupervisorBusy
+from controlplane.supervisor.loop import Supervisor
 from controlplane.supervisor.policy import PolicyConfig
+from controlplane.supervisor.ports import SupervisorBusy
 from tests.unit.supervisor_harness import ROOT, ProcessJobs, make_run, wait_terminal
 
 CONFIG = PolicyConfig(heartbeat_stale_s=0.6, stop_grace_s=3.0)

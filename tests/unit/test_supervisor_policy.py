@@ -27,8 +27,10 @@ from controlplane.supervisor.policy import (
     SetCheckpointInterval,
     StopJob,
     Submit,
-    backoff_delay_s,
     decide,
+)
+from controlplane.supervisor.rules import (
+    backoff_delay_s,
     hang_timeout_s,
     interval_steps,
     mtbf_estimate_s,
