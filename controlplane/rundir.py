@@ -76,6 +76,10 @@ class RunDir:
     def fence_file(self) -> Path:
         return self.path / "fence"
 
+    @property
+    def interval_file(self) -> Path:
+        return self.path / "checkpoint_interval"
+
     def create(self) -> RunDir:
         for d in (self.path, self.checkpoints, self.artifacts, self.logs):
             d.mkdir(parents=True, exist_ok=True)
@@ -104,6 +108,17 @@ class RunDir:
             return int(self.fence_file.read_text().strip() or 0)
         except (FileNotFoundError, ValueError):
             return 0
+
+    def set_checkpoint_interval(self, steps: int) -> None:
+        """The supervisor's checkpoint interval for `interval_steps: auto` (the job rereads it)."""
+        write_atomic(self.interval_file, f"{steps}\n".encode())
+
+    def checkpoint_interval(self) -> int | None:
+        try:
+            value = int(self.interval_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return value if value > 0 else None
 
     def check_fence(self, attempt: int) -> None:
         current = self.current_fence()

@@ -33,7 +33,7 @@ from typing import Any
 from controlplane import checkpoint as ckpt
 from controlplane.context import Context
 from controlplane.errors import LlmctlError, RetryableError
-from controlplane.rundir import RunDir, write_atomic
+from controlplane.rundir import RunDir
 from controlplane.spec import RunSpec, read_record
 from controlplane.states import AttemptState, RunState
 from controlplane.supervisor import policy as P
@@ -44,7 +44,6 @@ from controlplane.supervisor.track import NODE_FAULTS, RunTrack
 
 log = logging.getLogger("llmctl.supervisor")
 
-INTERVAL_FILE = "checkpoint_interval"
 # failures the job could not report itself: the supervisor counts them for the MTBF
 UNREPORTED = frozenset({"crash", "job_lost", "job_stopped", "early_exit", "node_unhealthy"})
 _ATTEMPT_STATE = {
@@ -357,7 +356,7 @@ class Supervisor:
             now=now,
         )
         if interval is not None:
-            write_atomic(rd.path / INTERVAL_FILE, f"{interval}\n".encode())
+            rd.set_checkpoint_interval(interval)
         cur = ledger.current_attempt(run_id)
         for s in stops:
             if cur and cur["attempt"] == s.attempt and cur.get("job_id"):

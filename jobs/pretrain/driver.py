@@ -7,19 +7,19 @@ supervisor resubmits). See README.md in this package for the recovery protocol.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from controlplane import checkpoint as ckpt
 from controlplane.rundir import FencedError, RunDir
 from controlplane.spec import RunSpec, read_record
-from controlplane.supervisor.nodes import excluded_names, ray_nodes_to_exclude
 from jobs.pretrain.events import EXIT_CRASH, EXIT_FENCED, EXIT_NUMERICAL, EXIT_OK, EventLog
+from jobs.pretrain.placement import WorkerFactory
 from jobs.pretrain.schedule import NumericGuard, StragglerDetector
 
 DEFAULT_INTERVAL = 25
@@ -33,11 +33,7 @@ def checkpoint_interval(run: RunSpec, run_dir: RunDir) -> int:
     """The spec's interval, or for 'auto' the supervisor's `<run_dir>/checkpoint_interval`, else 25."""
     if isinstance(run.checkpoint.interval_steps, int):
         return run.checkpoint.interval_steps
-    try:
-        value = int((run_dir.path / "checkpoint_interval").read_text().strip())
-        return value if value > 0 else DEFAULT_INTERVAL
-    except (OSError, ValueError):
-        return DEFAULT_INTERVAL
+    return run_dir.checkpoint_interval() or DEFAULT_INTERVAL
 
 
 class JobExit(Exception):
@@ -99,46 +95,25 @@ class Driver:
         self.pg_timeout_s = ft.hang_timeout_max_s + 60
         self.ended = False
         self.injected: dict[tuple[int, int], tuple[float, int | None]] = {}
-        self.exclude = excluded_names(os.environ)  # node ids or host names the supervisor excluded
-        self.excluded: dict[str, str] = {}  # Ray node id -> the excluded name it matched
         self.hb_step: dict[int, int] = {}
         self.metrics_url: str | None = None
-
-    # ------------------------------------------------------------------ actors
-
-    def _worker_cls(self):
-        import ray
-
-        from jobs.pretrain.worker import TrainWorker
-
-        w = self.run.workers
-        opts: dict[str, Any] = {}
-        if self.exclude:  # looked up at every spawn: a host may come back under a new node id
-            self.excluded = ray_nodes_to_exclude(self.exclude, ray.nodes())
-            if self.excluded:
-                opts["label_selector"] = {"ray.io/node-id": f"!in({','.join(sorted(self.excluded))})"}
-        return ray.remote(TrainWorker).options(
-            num_cpus=w.cpus_per_worker, num_gpus=w.gpus_per_worker, max_restarts=0, max_task_retries=0, **opts
+        self.workers = WorkerFactory(
+            self.run,
+            {
+                "run": record["run"],
+                "run_id": record.get("run_id", self.run_dir.run_id),
+                "cluster": (record.get("cluster") or {}).get("name", "local"),
+                "cluster_spec": record.get("cluster") or {},
+                "dataset_dir": record["dataset_dir"],
+                "run_dir": str(self.run_dir.path),
+                "attempt": self.attempt,
+                "total_steps": self.total_steps,
+                "skips": self.skips,
+                "t_start": self.t_start,
+            },
         )
 
-    def _job_cfg(self, drills: bool) -> dict[str, Any]:
-        return {
-            "run": self.record["run"],
-            "run_id": self.record.get("run_id", self.run_dir.run_id),
-            "cluster": (self.record.get("cluster") or {}).get("name", "local"),
-            "cluster_spec": self.record.get("cluster") or {},
-            "dataset_dir": self.record["dataset_dir"],
-            "run_dir": str(self.run_dir.path),
-            "attempt": self.attempt,
-            "total_steps": self.total_steps,
-            "skips": self.skips,
-            "drills": drills,
-            "t_start": self.t_start,
-        }
-
-    def _spawn(self, drills: bool) -> tuple[Any, Any]:
-        actor = self._worker_cls().remote(self._job_cfg(drills))
-        return actor, actor.info.remote()
+    # ------------------------------------------------------------------ actors
 
     def _form_group(self) -> dict[int, dict[str, Any]]:
         import ray
@@ -179,22 +154,23 @@ class Driver:
         ckpt.clean_staging(root)
         info, skipped = ckpt.newest_verified(root, max_step=self.max_resume_step)
         self.interval = checkpoint_interval(self.run, self.run_dir)
-        started = [self._spawn(drills=True) for _ in range(self.world)]
+        started = [self.workers.spawn(drills=True) for _ in range(self.world)]
         for _ in range(self.run.workers.spare_workers):
-            self.spares.append(self._spawn(drills=False))
+            self.spares.append(self.workers.spawn(drills=False))
         for rank, (actor, ref) in enumerate(started):
             try:
                 i = ray.get(ref, timeout=600)
             except ray.exceptions.GetTimeoutError:
-                off = f" with nodes excluded: {', '.join(sorted(set(self.excluded.values())))}" if self.excluded else ""
-                raise RuntimeError(f"worker {rank} could not be placed within 600 s{off}") from None
+                raise RuntimeError(
+                    f"worker {rank} could not be placed within 600 s{self.workers.exclusions()}"
+                ) from None
             self.slots[rank] = Slot(rank, actor, i["pid"], i["node_id"], i["node_ip"])
         self.metrics_url = self._form_group()[0].get("metrics_url")
         if self.spares:  # warm means ready: give the spares a bounded time to finish starting
             ray.wait([ref for _, ref in self.spares], num_returns=len(self.spares), timeout=SPARE_START_S)
         if info is not None:
             ray.get([s.actor.load_checkpoint.remote(str(info.path)) for s in self.slots.values()], timeout=600)
-            trainer = _read_json(info.path / "trainer_state.json")
+            trainer = json.loads((info.path / "trainer_state.json").read_text())
             self.step, self.tokens, self.loss = trainer["step"], trainer["tokens"], trainer.get("loss")
             self.guard.load(trainer.get("loss_history", []))
         self.events.emit(
@@ -210,8 +186,8 @@ class Driver:
             total_steps=self.total_steps,
             checkpoint_interval=self.interval,
             spare_workers=len(self.spares),
-            excluded_nodes=sorted(self.exclude),
-            excluded_ray_nodes=sorted(self.excluded),
+            excluded_nodes=sorted(self.workers.exclude),
+            excluded_ray_nodes=sorted(self.workers.excluded),
         )
         code = self._loop()
         return self._finish(code)
@@ -514,15 +490,9 @@ class Driver:
                 return actor, "spare"
             except Exception:
                 ray.kill(actor, no_restart=True)
-        actor, _ = self._spawn(drills=False)
+        actor, _ = self.workers.spawn(drills=False)
         return actor, "new"
 
     def _refill_spares(self) -> None:
         while len(self.spares) < self.run.workers.spare_workers:
-            self.spares.append(self._spawn(drills=False))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads(path.read_text())
+            self.spares.append(self.workers.spawn(drills=False))

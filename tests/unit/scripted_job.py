@@ -62,8 +62,7 @@ def main() -> int:
     if fault.get("crash_at") == step:
         return 1
     while step < total:
-        interval_file = rd.path / "checkpoint_interval"
-        interval = int(interval_file.read_text()) if interval_file.exists() else int(script.get("interval", 5))
+        interval = rd.checkpoint_interval() or int(script.get("interval", 5))
         t0 = time.time()
         time.sleep(step_s)
         step += 1
