@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -26,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from controlplane.procs import free_port  # noqa: E402
 
 TEXT = [
     "日本の首都は東京です。東京には多くの人が住んでいます。",
@@ -70,12 +71,6 @@ def tiny_model(out: Path, seed: int) -> Path:
 def p99(xs: list[float]) -> float:
     s = sorted(xs)
     return s[max(0, -(-len(s) * 99 // 100) - 1)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:

@@ -1,4 +1,5 @@
-"""Is a process alive? By pid, read from /proc where there is one.
+"""Local processes: is one alive (by pid, read from /proc where there is one), and a free
+port to start one on.
 
 A zombie counts as dead (its parent has not reaped it yet), and a pid that was reused by a new
 process is told apart by the start time recorded with it (`proc_start`).
@@ -7,6 +8,7 @@ process is told apart by the start time recorded with it (`proc_start`).
 from __future__ import annotations
 
 import os
+import socket
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -38,3 +40,10 @@ def pid_alive(pid: int, start: str | None = None) -> bool:
     if fields[0] == "Z":
         return False
     return start is None or (len(fields) > 19 and fields[19] == start)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (the caller binds it soon after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

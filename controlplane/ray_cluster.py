@@ -19,7 +19,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from typing import Any
 import httpx
 
 from controlplane.errors import LlmctlError, RetryableError, UserError
-from controlplane.procs import pid_alive
+from controlplane.procs import free_port, pid_alive
 from controlplane.rundir import RunDir, write_atomic
 from controlplane.spec import ClusterSpec
 
@@ -74,12 +73,6 @@ def _cluster_dir(cluster: ClusterSpec) -> Path:
 
 def _state_file(cluster: ClusterSpec) -> Path:
     return _cluster_dir(cluster) / "local.json"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray_bin() -> str:

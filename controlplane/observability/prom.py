@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -25,16 +24,11 @@ from typing import Any
 import httpx
 
 from controlplane.errors import MissingDependencyError
+from controlplane.procs import free_port
 
 
 class PrometheusError(RuntimeError):
     pass
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def prometheus_binary() -> str:

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 from controlplane.errors import RetryableError, UserError
+from controlplane.procs import free_port
 from controlplane.rollout import store
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.evaluation import EvalRequest, evaluate
 from controlplane.rollout.export import resolve_model
 from controlplane.spec import RolloutSpec, ServeOptions
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_and_sample(
@@ -56,7 +50,7 @@ def serve_and_sample(
         model=str(exported.model_dir),
         replicas=replicas,
         gpus_per_replica=0,
-        serve=ServeOptions(port=_free_port(), cpus_per_replica=0.5),
+        serve=ServeOptions(port=free_port(), cpus_per_replica=0.5),
     )
     try:
         row = RolloutController(ctx, backend).start(spec)

@@ -31,8 +31,9 @@ import pytest
 from controlplane.context import Context
 from controlplane.observability.catalog import EXPORTED_SOURCES, SCRAPE_JOBS, metrics_in, source_of
 from controlplane.observability.panels import exported_dashboards, substitute
-from controlplane.observability.prom import PrometheusServer, free_port
+from controlplane.observability.prom import PrometheusServer
 from controlplane.observability.runbooks import load_alerts
+from controlplane.procs import free_port
 from controlplane.rollout.export import export_checkpoint
 from controlplane.runs import create_run, start_run, stop_run
 from controlplane.spec import RunSpec

@@ -7,7 +7,6 @@ over from test to test, as it would in production); continuous HTTP traffic from
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import httpx
 import pytest
 
 from controlplane.context import Context
+from controlplane.procs import free_port
 from controlplane.rollout import store
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.ray_backend import RayServeBackend
@@ -24,12 +24,6 @@ from tests.serving_factory import make_run
 
 pytestmark = pytest.mark.integration
 RUN = "canary"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

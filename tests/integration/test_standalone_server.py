@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import httpx
 import pytest
 
 from controlplane.context import Context
+from controlplane.procs import free_port
 from controlplane.rollout.export import export_checkpoint
 from controlplane.rundir import RunDir
 from tests.serving_factory import make_run
@@ -21,10 +21,29 @@ pytestmark = pytest.mark.integration
 TOKEN = "test-token-4f1c"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def standalone(model_dir, version: str, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "jobs.serve",
+        "standalone",
+        "--model-dir",
+        str(model_dir),
+        "--version",
+        version,
+        *args,
+    ]
+
+
+def wait_healthy(base: str, log=None, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    pytest.fail(f"server did not come up: {log.read_text()[-2000:] if log else ''}")
 
 
 def test_token_required_metrics_exposed_token_never_logged(tmp_path):
@@ -35,18 +54,7 @@ def test_token_required_metrics_exposed_token_never_logged(tmp_path):
     # Beyond loopback without a token: refused.
     bare = {k: v for k, v in env.items() if k != "LLMCTL_SERVE_TOKEN"}
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.serve",
-            "standalone",
-            "--model-dir",
-            str(model_dir),
-            "--version",
-            "v",
-            "--host",
-            "0.0.0.0",
-        ],
+        standalone(model_dir, "v", "--host", "0.0.0.0"),
         env=bare,
         capture_output=True,
         text=True,
@@ -58,37 +66,14 @@ def test_token_required_metrics_exposed_token_never_logged(tmp_path):
     log = tmp_path / "server.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jobs.serve",
-                "standalone",
-                "--model-dir",
-                str(model_dir),
-                "--version",
-                "sa-s10",
-                "--port",
-                str(port),
-                "--engine",
-                "transformers",
-                "--cluster",
-                "gpu-west",
-            ],
+            standalone(model_dir, "sa-s10", "--port", str(port), "--engine", "transformers", "--cluster", "gpu-west"),
             env=env,
             stdout=f,
             stderr=subprocess.STDOUT,
         )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            pytest.fail(f"server did not come up: {log.read_text()[-2000:]}")
+        wait_healthy(base, log)
         body = {"prompt": "日本の首都は", "max_tokens": 5}
         assert httpx.post(f"{base}/v1/completions", json=body, timeout=30).status_code == 401
         bad = {"Authorization": "Bearer wrong"}
@@ -118,17 +103,11 @@ def test_prometheus_windows_from_a_real_scrape(tmp_path):
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.getcwd(), LLMCTL_DRILL='{"error_rate": 0.3, "seed": 3}')
     env.pop("LLMCTL_SERVE_TOKEN", None)
-    cmd = [sys.executable, "-m", "jobs.serve", "standalone", "--model-dir", str(model_dir), "--version", "pm-s10"]
-    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = standalone(model_dir, "pm-s10", "--port", str(port))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+        wait_healthy(base)
         with PrometheusServer({"llmctl-serve": [f"127.0.0.1:{port}"]}, tmp_path / "prom", scrape_interval_s=1) as prom:
             prom.wait_for('llmctl_serve_requests_total{version="pm-s10"}', timeout_s=60)
             time.sleep(2.5)
