@@ -262,7 +262,7 @@ def main() -> int:
     try:
         from controlplane.data import prepare
 
-        prepare("manpages-ja", work / "datasets" / "manpages-ja", vocab_size=512, seed=0, max_bytes=300_000)
+        prepare("manpages-ja", work / "datasets" / "manpages-ja", vocab_size=512, seed=0)
         tier1, ev1 = llmctl_tier1(ctx, args)
         print(f"# llmctl tier 1: {tier1:.2f} s", file=sys.stderr)
         tier2, ev2 = llmctl_tier2(ctx, args)

@@ -30,23 +30,22 @@ def plain_loop(run, dataset: Path, steps: int, warmup: int, threads: int) -> flo
     import torch
     import torch.nn.functional as F
 
-    from controlplane.data import load_tokens, read_meta
+    from controlplane.data import read_meta
     from jobs.pretrain import state as st
-    from jobs.pretrain.schedule import BatchPlan
+    from jobs.pretrain.dataset import TrainData
 
     torch.set_num_threads(threads)
     meta = read_meta(dataset)
-    tokens = load_tokens(dataset)
     train = run.train
     dims = run.model.resolve(vocab_size=meta["vocab_size"], max_seq_len=train.seq_len)
     model = st.build_model(st.llama_config(dims, meta["bos_id"], meta["eos_id"]), run.seed, torch.device("cpu"))
     opt, sched = st.build_optimizer(model, run, train.steps)
-    plan = BatchPlan(int(tokens.size), train.seq_len, train.global_batch_size, run.seed)
+    plan = TrainData([(dataset, 1.0)], train.seq_len, train.global_batch_size, run.seed)
     t0 = 0.0
     for i in range(steps):
         if i == warmup:
             t0 = time.perf_counter()
-        batch = torch.from_numpy(plan.batch(tokens, i, 0, 1))
+        batch = torch.from_numpy(plan.batch(i, 0, 1))
         logits = model(input_ids=batch[:, :-1]).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         loss.backward()
@@ -127,7 +126,7 @@ def main() -> None:
         work = Path(tmp)
         dataset = Path(args.dataset) if args.dataset else work / "data"
         if not args.dataset:
-            prepare("manpages-ja", dataset, vocab_size=4096, seed=0, max_bytes=1 << 20)
+            prepare("manpages-ja", dataset, vocab_size=4096, seed=0)
         run = RunSpec.model_validate(
             {
                 "name": "bench",

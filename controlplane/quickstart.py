@@ -78,8 +78,16 @@ def step_data(q: Quickstart) -> None:
     if (out / "meta.json").exists():
         meta = read_meta(out)
     else:
+        from controlplane.data.ray_engine import choose_engine
+
+        engine, address = choose_engine(q.ctx.cluster, "auto")  # the cluster step started it: Ray Data on it
         meta = prepare(
-            spec.data.source, out, vocab_size=spec.data.vocab_size, heldout_fraction=spec.data.heldout_fraction
+            spec.data.source,
+            out,
+            vocab_size=spec.data.vocab_size,
+            heldout_fraction=spec.data.heldout_fraction,
+            engine=engine,
+            ray_address=address,
         )
     q.data = meta
     q.summary.append(

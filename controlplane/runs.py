@@ -13,10 +13,11 @@ import contextlib
 import secrets
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from controlplane.context import Context
-from controlplane.data import read_meta
+from controlplane.data.mixture import check_mixture
 from controlplane.errors import CorruptFileError, UserError
 from controlplane.rundir import RunDir
 from controlplane.spec import RunSpec, dump_spec, read_record
@@ -28,11 +29,8 @@ def new_run_id(name: str) -> str:
 
 
 def create_run(ctx: Context, spec: RunSpec, run_id: str | None = None) -> RunDir:
-    dataset_dir = ctx.dataset_dir(spec.data.path)
-    try:
-        read_meta(dataset_dir)
-    except CorruptFileError as exc:
-        raise UserError(f"data.path: {exc}") from None
+    datasets = resolve_datasets(ctx, spec)
+    dataset_dir = datasets[0][0]
     run_id = run_id or new_run_id(spec.name)
     run_dir = ctx.run_dir(run_id).create()
     run_dir.write_spec(
@@ -40,11 +38,23 @@ def create_run(ctx: Context, spec: RunSpec, run_id: str | None = None) -> RunDir
             "run_id": run_id,
             "run": dump_spec(spec),
             "cluster": dump_spec(ctx.cluster),
-            "dataset_dir": str(dataset_dir.resolve()),
+            "dataset_dir": str(dataset_dir),
+            "datasets": [[str(d), w] for d, w in datasets],
         }
     )
     ctx.ledger.create_run(run_id, spec.name, dump_spec(spec), dump_spec(ctx.cluster), str(run_dir.path))
     return run_dir
+
+
+def resolve_datasets(ctx: Context, spec: RunSpec) -> list[tuple[Path, float]]:
+    """The run's datasets as absolute directories with weights; one line naming a bad one."""
+    field = "data.mixture" if spec.data.mixture else "data.path"
+    pairs = [(ctx.dataset_dir(p).resolve(), w) for p, w in spec.data.datasets()]
+    try:
+        check_mixture(pairs)
+    except CorruptFileError as exc:
+        raise UserError(f"{field}: {exc}") from None
+    return pairs
 
 
 def load_run_spec(run: dict[str, Any]) -> RunSpec:

@@ -92,11 +92,21 @@ class ModelSpec(StrictModel):
         return LlamaDims(**base)
 
 
+class MixtureEntry(StrictModel):
+    path: str = Field(description="Prepared dataset directory; relative paths are under the cluster's storage root.")
+    weight: float = Field(gt=0, description="Relative share of the training samples drawn from it.")
+
+
 class DataSpec(StrictModel):
     path: str = Field(
         "datasets/manpages-ja",
         description="Prepared dataset directory (tokenizer.json, shards); relative paths are "
         "under the cluster's storage root.",
+    )
+    mixture: list[MixtureEntry] | None = Field(
+        None,
+        description="Several prepared datasets sampled in these proportions (weights are normalized); "
+        "they must share one tokenizer. Replaces `path`.",
     )
     source: str = Field(
         "manpages-ja",
@@ -105,6 +115,25 @@ class DataSpec(StrictModel):
     )
     vocab_size: int = Field(4096, ge=256, le=262144, description="Byte-level BPE vocabulary size.")
     heldout_fraction: float = Field(0.02, gt=0, lt=0.5, description="Share of documents held out for evaluation.")
+
+    @model_validator(mode="after")
+    def _path_or_mixture(self) -> DataSpec:
+        if self.mixture is not None:
+            if "path" in self.model_fields_set:
+                raise ValueError("set data.path or data.mixture, not both")
+            if not self.mixture:
+                raise ValueError("data.mixture: expected at least one dataset")
+            paths = [m.path for m in self.mixture]
+            if len(set(paths)) != len(paths):
+                raise ValueError("data.mixture: a dataset is named twice")
+        return self
+
+    def datasets(self) -> list[tuple[str, float]]:
+        """(path, normalized weight) of every dataset the run trains on."""
+        if not self.mixture:
+            return [(self.path, 1.0)]
+        total = sum(m.weight for m in self.mixture)
+        return [(m.path, m.weight / total) for m in self.mixture]
 
 
 class ScheduleSpec(StrictModel):

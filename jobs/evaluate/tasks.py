@@ -1,6 +1,6 @@
 """Evaluation tasks: held-out loss/perplexity and JGLUE-format few-shot tasks.
 
-- heldout: mean next-token cross-entropy over `heldout.bin` (the run's held-out split) in
+- heldout: mean next-token cross-entropy over the held-out shards (each source's held-out split) in
   non-overlapping windows, and its exponential (perplexity).
 - jcommonsenseqa: k-shot multiple choice (default k=3). Each of the five choices is scored
   by the log-likelihood of its tokens after the prompt; the argmax is the answer; accuracy.
@@ -178,27 +178,41 @@ class Scorer:
 
 
 def eval_heldout(scorer: Scorer, dataset_dir: Path, max_tokens: int = 65536, seq_len: int = 256) -> dict[str, Any]:
+    """Cross-entropy over each source's held-out split (at most `max_tokens` per source), and overall."""
     import numpy as np
 
+    from controlplane.data import heldout_by_source
+
     torch = scorer.torch
-    meta = json.loads((Path(dataset_dir) / "meta.json").read_text())
-    data = np.memmap(Path(dataset_dir) / "heldout.bin", dtype=meta.get("dtype", "uint16"), mode="r")
     seq_len = min(seq_len, scorer.max_len)
-    n = min(len(data), max_tokens)
-    if n < 2:
-        raise TaskDataError(f"{dataset_dir}/heldout.bin: fewer than 2 tokens")
+    per_source: dict[str, dict[str, float]] = {}
     total, count = 0.0, 0
-    for start in range(0, n - 1, seq_len):
-        window = torch.from_numpy(np.asarray(data[start : min(start + seq_len + 1, n)], dtype=np.int64))
-        if len(window) < 2:
-            break
-        with torch.no_grad():
-            logits = scorer.model(input_ids=window[None, :-1].to(scorer.device)).logits[0].float()
-        loss = torch.nn.functional.cross_entropy(logits, window[1:].to(scorer.device), reduction="sum")
-        total += float(loss)
-        count += len(window) - 1
+    for source, data in heldout_by_source(dataset_dir, max_tokens).items():
+        s_total, s_count = 0.0, 0
+        for start in range(0, len(data) - 1, seq_len):
+            window = torch.from_numpy(np.asarray(data[start : start + seq_len + 1], dtype=np.int64))
+            if len(window) < 2:
+                break
+            with torch.no_grad():
+                logits = scorer.model(input_ids=window[None, :-1].to(scorer.device)).logits[0].float()
+            loss = torch.nn.functional.cross_entropy(logits, window[1:].to(scorer.device), reduction="sum")
+            s_total += float(loss)
+            s_count += len(window) - 1
+        if s_count:
+            per_source[source] = {"loss": s_total / s_count, "tokens": s_count}
+            total, count = total + s_total, count + s_count
+    if count == 0:
+        raise TaskDataError(f"{dataset_dir}: fewer than 2 held-out tokens in every source")
     mean = total / count
-    return {"heldout_loss": mean, "heldout_perplexity": math.exp(min(mean, 700.0)), "heldout_tokens": count}
+    scores: dict[str, Any] = {
+        "heldout_loss": mean,
+        "heldout_perplexity": math.exp(min(mean, 700.0)),
+        "heldout_tokens": count,
+    }
+    if len(per_source) > 1:  # one perplexity per source of a multi-source dataset
+        for source, s in per_source.items():
+            scores[f"heldout_perplexity:{source}"] = math.exp(min(s["loss"], 700.0))
+    return scores
 
 
 def eval_jcommonsenseqa(scorer: Scorer, path: Path, k: int = 3, train: Path | None = None, limit: int | None = None):

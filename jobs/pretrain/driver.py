@@ -105,6 +105,7 @@ class Driver:
                 "cluster": (record.get("cluster") or {}).get("name", "local"),
                 "cluster_spec": record.get("cluster") or {},
                 "dataset_dir": record["dataset_dir"],
+                "datasets": record.get("datasets"),  # a mixture: [[dir, weight], ...]
                 "run_dir": str(self.run_dir.path),
                 "attempt": self.attempt,
                 "total_steps": self.total_steps,

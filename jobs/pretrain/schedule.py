@@ -2,12 +2,15 @@
 
 No torch, no Ray: unit-tested directly, and shared by the job and the benchmark.
 
-Data position. The prepared `train.bin` is cut into W windows of `seq_len + 1` tokens
-(stride `seq_len`). Batch index b holds global samples b*G .. b*G+G-1 (G = global batch);
-sample i lives in epoch i // W at position i % W of that epoch's seeded permutation. Rank r of
-n takes samples r*G/n .. (r+1)*G/n-1 of the batch. The batch a step trains on is the data
-cursor, which advances by one per step and jumps over skipped windows, so the order of
-batches depends only on the seed and the skip list, never on when failures happened.
+Data position. Each prepared dataset's train shards are cut into windows of `seq_len + 1`
+tokens (stride `seq_len`, none crossing a shard); `WindowIndex` holds one seeded permutation of
+them, built once. Batch index b holds global positions b*G .. b*G+G-1 (G = global batch); rank r
+of n takes positions r*G/n .. (r+1)*G/n-1. A position goes to a dataset of the mixture by the
+seeded `Blend` (in the mixture's weights), and to that dataset's k-th sample, which lives in
+epoch k // W. So the sample at a position depends only on the seed and the position: never on
+the number of workers (a resharded resume trains on the same data) and never on when failures
+happened. The batch a step trains on is the data cursor, which advances by one per step and
+jumps over skipped batches.
 """
 
 from __future__ import annotations
@@ -62,36 +65,143 @@ def skip_forward(cursor: int, skips: list[tuple[int, int]]) -> int:
     return cursor
 
 
-@dataclass(frozen=True)
-class BatchPlan:
-    """Where the samples of each batch come from (see the module docstring)."""
+BLEND_BLOCK = 4096
 
-    n_tokens: int
-    seq_len: int
-    global_batch: int
-    seed: int
 
-    @property
-    def windows(self) -> int:
-        return (self.n_tokens - 1) // self.seq_len
+def blend_counts(weights: np.ndarray, n: int) -> np.ndarray:
+    """How many of the first `n` positions each source takes: floor(w * n) for every source but the
+    heaviest, which takes the rest. Non-decreasing in `n` for every source (no Alabama paradox), and
+    within 1 sample (the heaviest: within S - 1) of the exact share."""
+    counts = np.floor(weights * n).astype(np.int64)
+    top = int(np.argmax(weights))
+    counts[top] = n - (counts.sum() - counts[top])
+    return counts
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, 7, epoch]).permutation(self.windows)
 
-    def sample_windows(self, batch_index: int, rank: int, world: int) -> np.ndarray:
-        per = self.global_batch // world
-        first = batch_index * self.global_batch + rank * per
-        ids = np.arange(first, first + per, dtype=np.int64)
-        out = np.empty(per, dtype=np.int64)
-        for epoch in np.unique(ids // self.windows):
-            sel = ids // self.windows == epoch
-            out[sel] = self.permutation(int(epoch))[ids[sel] % self.windows]
+class Blend:
+    """Global position -> (source, index within that source), seeded, in O(block) per lookup.
+
+    Positions are taken in blocks of `block`: block b holds blend_counts(b+1) - blend_counts(b)
+    samples of each source in a seeded order (rng([seed, 13, b])), and a source's k-th sample is
+    its (counts before the block + rank within the block)-th. Megatron's blend index without
+    the index: nothing depends on how many positions a run will ever ask for.
+    """
+
+    def __init__(self, weights: list[float], seed: int, block: int = BLEND_BLOCK) -> None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.ndim != 1 or not len(w) or (w <= 0).any():
+            raise ValueError(f"mixture weights {weights}: expected positive numbers")
+        self.weights = w / w.sum()
+        if block * self.weights.max() < len(w) - 1:
+            raise ValueError("mixture block too small for this many sources")
+        self.seed, self.block = seed, block
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        hit = self._cache.get(b)
+        if hit is None:
+            before = blend_counts(self.weights, b * self.block)
+            here = blend_counts(self.weights, (b + 1) * self.block) - before
+            order = np.random.default_rng([self.seed, 13, b]).permutation(np.repeat(np.arange(len(here)), here))
+            rank = np.empty(self.block, dtype=np.int64)
+            for s in range(len(here)):
+                sel = order == s
+                rank[sel] = before[s] + np.arange(int(sel.sum()))
+            if len(self._cache) > 8:
+                self._cache.clear()
+            hit = self._cache[b] = (order, rank)
+        return hit
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        src = np.empty(len(positions), dtype=np.int64)
+        idx = np.empty(len(positions), dtype=np.int64)
+        blocks = positions // self.block
+        for b in np.unique(blocks):
+            sel = blocks == b
+            order, rank = self._block(int(b))
+            off = positions[sel] % self.block
+            src[sel], idx[sel] = order[off], rank[off]
+        return src, idx
+
+
+class WindowIndex:
+    """A source's k-th sample -> (shard, window in shard). The shuffle is built once.
+
+    The source's W windows (those of every shard, in shard order) are permuted once with
+    rng([seed, 7]) into `perm` (uint32 below 2**32 windows). Epoch e = k // W visits
+    perm[(perm[p] + shift_e) % W] for p = k % W (epoch 0: perm[p]), a fresh order per epoch at
+    no extra memory. A lookup is O(1) in W: the per-step cost does not grow with the corpus.
+    """
+
+    def __init__(self, windows_per_shard: np.ndarray | list[int], seed: int, perm: np.ndarray | None = None) -> None:
+        wps = np.asarray(windows_per_shard, dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(wps)])
+        self.windows = int(self.starts[-1])
+        if self.windows < 1:
+            raise ValueError("no window of seq_len + 1 tokens in any shard")
+        self.seed = seed
+        self.perm = build_permutation(self.windows, seed) if perm is None else perm
+        if len(self.perm) != self.windows:
+            raise ValueError(f"window index has {len(self.perm)} entries for {self.windows} windows")
+
+    def shift(self, epoch: int) -> int:
+        return 0 if epoch == 0 else int(np.random.default_rng([self.seed, 9, epoch]).integers(0, self.windows))
+
+    def global_window(self, k: np.ndarray) -> np.ndarray:
+        w = self.windows
+        epochs, pos = k // w, k % w
+        out = np.asarray(self.perm[pos], dtype=np.int64)
+        for e in np.unique(epochs):
+            if e:
+                sel = epochs == e
+                out[sel] = self.perm[(out[sel] + self.shift(int(e))) % w]
         return out
 
-    def batch(self, tokens: np.ndarray, batch_index: int, rank: int, world: int) -> np.ndarray:
-        """[per_rank, seq_len + 1] int64 token ids of this rank's share of the batch."""
-        starts = self.sample_windows(batch_index, rank, world) * self.seq_len
-        return np.stack([np.asarray(tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])
+    def locate(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        g = self.global_window(k)
+        shard = np.searchsorted(self.starts, g, side="right") - 1
+        return shard, g - self.starts[shard]
+
+
+def build_permutation(windows: int, seed: int) -> np.ndarray:
+    perm = np.random.default_rng([seed, 7]).permutation(windows)
+    return perm.astype(np.uint32) if windows < 2**32 else perm
+
+
+@dataclass(frozen=True)
+class Sample:
+    source: np.ndarray  # which dataset of the mixture
+    shard: np.ndarray  # which train shard of it
+    window: np.ndarray  # which window of that shard (tokens window*seq_len .. + seq_len + 1)
+
+
+class BatchPlan:
+    """Where the samples of each batch come from (see the module docstring). Pure, no I/O."""
+
+    def __init__(self, indexes: list[WindowIndex], weights: list[float], global_batch: int, seed: int) -> None:
+        if len(indexes) != len(weights):
+            raise ValueError("one weight per dataset")
+        self.indexes, self.global_batch = indexes, global_batch
+        self.blend = Blend(weights, seed) if len(indexes) > 1 else None
+
+    def positions(self, batch_index: int, rank: int, world: int) -> np.ndarray:
+        if self.global_batch % world:
+            raise ValueError(f"global batch {self.global_batch} does not split over {world} workers")
+        per = self.global_batch // world
+        first = batch_index * self.global_batch + rank * per
+        return np.arange(first, first + per, dtype=np.int64)
+
+    def locate(self, positions: np.ndarray) -> Sample:
+        if self.blend is None:
+            src, k = np.zeros(len(positions), dtype=np.int64), positions
+        else:
+            src, k = self.blend.locate(positions)
+        shard = np.empty(len(positions), dtype=np.int64)
+        window = np.empty(len(positions), dtype=np.int64)
+        for s in np.unique(src):
+            sel = src == s
+            shard[sel], window[sel] = self.indexes[int(s)].locate(k[sel])
+        return Sample(src, shard, window)
 
 
 class NumericGuard:

@@ -31,12 +31,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from controlplane import checkpoint as ckpt
-from controlplane.data import load_tokens, read_meta
 from controlplane.rundir import FencedError, RunDir
 from controlplane.spec import RunSpec, read_record
 from jobs.pretrain import state as st
+from jobs.pretrain.dataset import dataset_meta, open_train_data
 from jobs.pretrain.events import EventLog
-from jobs.pretrain.schedule import BatchPlan, advance_cursor, skip_forward
+from jobs.pretrain.schedule import advance_cursor, skip_forward
 
 HEARTBEAT_S = 1.0
 
@@ -55,13 +55,10 @@ class TrainWorker:
         self.autocast = use_gpu and precision in ("auto", "bf16") or (not use_gpu and precision == "bf16")
         self.backend = "nccl" if use_gpu else "gloo"
 
-        meta = read_meta(job["dataset_dir"])
-        self.tokens = load_tokens(job["dataset_dir"], "train")
+        meta = dataset_meta(job)
         train = self.run.train
         self.skips: list[tuple[int, int]] = [tuple(s) for s in job.get("skips", [])]
-        self.plan = BatchPlan(int(self.tokens.size), train.seq_len, train.global_batch_size, self.run.seed)
-        if self.plan.windows < 1:
-            raise ValueError(f"dataset has {self.tokens.size} tokens, fewer than seq_len + 1")
+        self.data = open_train_data(job, train.seq_len, train.global_batch_size, self.run.seed)
         dims = self.run.model.resolve(vocab_size=meta["vocab_size"], max_seq_len=train.seq_len)
         self.config = st.llama_config(dims, meta.get("bos_id"), meta.get("eos_id"))
         self.model = st.build_model(self.config, self.run.seed, self.device)
@@ -112,8 +109,8 @@ class TrainWorker:
 
     def _calibration_steps(self) -> tuple[float, float]:
         """Power calibration: forward+backward on a fixed batch, no optimizer step (state unchanged)."""
-        per_worker = self.plan.global_batch // self.run.workers.num_workers
-        batch = torch.from_numpy(self.plan.batch(self.tokens, 0, 0, 1)[:per_worker]).to(self.device)
+        per_worker = self.data.global_batch // self.run.workers.num_workers
+        batch = torch.from_numpy(self.data.batch(0, 0, 1)[:per_worker]).to(self.device)
         t0 = time.perf_counter()
         for _ in range(self.run.power.calibration_steps):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -122,7 +119,9 @@ class TrainWorker:
             self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return float(self.run.power.calibration_steps * batch.shape[0] * self.plan.seq_len), time.perf_counter() - t0
+        return float(
+            self.run.power.calibration_steps * batch.shape[0] * self.run.train.seq_len
+        ), time.perf_counter() - t0
 
     # ------------------------------------------------------------------ control
 
@@ -254,10 +253,10 @@ class TrainWorker:
             return {"ok": False, "rank": self.rank, "error": f"asked for step {step_no} after {self.counters.step}"}
         self._fire_process_drills(step_no)
         t0 = time.perf_counter()
-        per_rank = self.plan.global_batch // self.world
+        per_rank = self.data.global_batch // self.world
         micro = self.run.train.micro_batch_size or per_rank
         n_micro = per_rank // micro
-        batch = torch.from_numpy(self.plan.batch(self.tokens, self.counters.cursor, self.rank, self.world))
+        batch = torch.from_numpy(self.data.batch(self.counters.cursor, self.rank, self.world))
         batch = batch.to(self.device, non_blocking=True)
         nan = self._armed("nan_loss", step_no) is not None
         local = torch.zeros((), device=self.device)

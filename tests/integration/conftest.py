@@ -39,7 +39,7 @@ def dataset_dir(ray_home):
 
     out = ray_home / "datasets" / "manpages-ja"
     if not (out / "meta.json").exists():
-        prepare("manpages-ja", out, vocab_size=1024, heldout_fraction=0.05, seed=0, max_bytes=1_500_000)
+        prepare("manpages-ja", out, vocab_size=1024, heldout_fraction=0.05, seed=0)
     return out
 
 

@@ -14,6 +14,7 @@ from jobs.pretrain.schedule import (
     BatchPlan,
     NumericGuard,
     StragglerDetector,
+    WindowIndex,
     advance_cursor,
     lr_factor,
     parse_skip,
@@ -46,23 +47,25 @@ def test_cursor_skips_windows():
             parse_skip(bad)
 
 
-def test_batches_depend_only_on_seed_index_and_rank():
-    plan = BatchPlan(n_tokens=10 * 16 + 1, seq_len=16, global_batch=4, seed=5)
-    assert plan.windows == 10
-    tokens = np.arange(plan.n_tokens)
-    a = plan.batch(tokens, 3, rank=1, world=2)
-    assert a.shape == (2, 17)
-    assert np.array_equal(a, BatchPlan(161, 16, 4, 5).batch(tokens, 3, 1, 2))
-    assert np.array_equal(a[:, 1:], a[:, :-1] + 1)  # contiguous windows with the next-token target
+def _plan(n_windows: int, global_batch: int, seed: int) -> BatchPlan:
+    return BatchPlan([WindowIndex([n_windows], seed)], [1.0], global_batch, seed)
+
+
+def test_batch_plan_is_a_seeded_permutation_per_epoch_and_splits_over_ranks():
+    plan = _plan(10, 4, 5)
+    a = plan.locate(plan.positions(3, rank=1, world=2)).window
+    assert np.array_equal(a, _plan(10, 4, 5).locate(plan.positions(3, 1, 2)).window)
     # The ranks split the global batch: world 2 = world 1 cut in halves.
-    whole = plan.batch(tokens, 3, 0, 1)
-    assert np.array_equal(np.concatenate([plan.batch(tokens, 3, 0, 2), a]), whole)
+    whole = plan.locate(plan.positions(3, 0, 1)).window
+    assert np.array_equal(np.concatenate([plan.locate(plan.positions(3, 0, 2)).window, a]), whole)
     # One epoch covers each window exactly once; the next epoch is a different permutation.
-    first = np.concatenate([plan.sample_windows(b, 0, 1) for b in range(5)])[:10]
-    second = np.concatenate([plan.sample_windows(b, 0, 1) for b in range(5, 10)])[:10]
+    first = np.concatenate([plan.locate(plan.positions(b, 0, 1)).window for b in range(5)])[:10]
+    second = np.concatenate([plan.locate(plan.positions(b, 0, 1)).window for b in range(5, 10)])[:10]
     assert sorted(first) == list(range(10)) and sorted(second) == list(range(10))
     assert not np.array_equal(first, second)
-    assert not np.array_equal(whole, BatchPlan(161, 16, 4, 6).batch(tokens, 3, 0, 1))
+    assert not np.array_equal(whole, _plan(10, 4, 6).locate(plan.positions(3, 0, 1)).window)
+    with pytest.raises(ValueError, match="does not split"):
+        plan.positions(0, 0, 3)
 
 
 def test_numeric_guard_nan_and_spike():
