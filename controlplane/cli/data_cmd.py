@@ -42,7 +42,8 @@ def prepare(
         str,
         typer.Option(
             "--engine",
-            help="'ray': Ray Data on the cluster; 'local': this machine; 'auto': Ray when the cluster is up, else local.",
+            help="'ray': Ray Data on the cluster; 'local': this machine; 'auto': Ray when the cluster is up and "
+            "the corpus is more than one unit, else this process.",
         ),
     ] = "auto",
     workers: Annotated[
@@ -91,6 +92,7 @@ def prepare(
             sample_bytes=int(sample_mb * 1024 * 1024),
             unit_bytes=int(unit_mb * 1024 * 1024),
             engine=chosen,
+            min_ray_units=2 if engine == "auto" else 1,
             workers=workers or ((os.cpu_count() or 1) if chosen == "local" else 0),
             ray_address=address,
             progress=bar.update,

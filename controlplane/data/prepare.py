@@ -75,6 +75,7 @@ class PrepareOptions:
     sample_bytes: int = DEFAULT_SAMPLE_BYTES
     unit_bytes: int = UNIT_BYTES
     engine: str = "local"  # local | ray
+    min_ray_units: int = 1  # fewer pending units than this run in this process (no parallelism to gain)
     workers: int = 1
     ray_address: str | None = None
     progress: Callable[[str, dict[str, Any]], None] | None = field(default=None, repr=False)
@@ -372,11 +373,11 @@ Engine = Callable[[list[Unit], dict[str, Any], dict[int, str]], Iterable[dict[st
 
 
 def _engine(opts: PrepareOptions, n_units: int) -> Engine:
-    if opts.engine == "ray":
+    if opts.engine == "ray" and n_units >= opts.min_ray_units:
         from controlplane.data.ray_engine import ray_engine
 
         return ray_engine(opts.ray_address, opts.workers)
-    if opts.workers <= 1 or n_units <= 1:
+    if opts.engine == "ray" or opts.workers <= 1 or n_units <= 1:
         return _in_process
     return lambda units, job, forced: _process_pool(units, job, forced, opts.workers)
 

@@ -37,11 +37,12 @@ class TokenizeUnits:
         return {"record": out}
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None) -> bool:
+    """Connect this process to the cluster; True when this call did (and should disconnect)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     try:
         ray.init(address=address or "auto", logging_level="ERROR", log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -51,6 +52,7 @@ def connect(address: str | None) -> None:
             f"Ray at {address or 'auto'}: cannot connect ({str(exc).splitlines()[0][:160]}); run the prepare on a "
             "node of the cluster or give --engine local"
         ) from None
+    return True
 
 
 def ray_engine(address: str | None, workers: int):
@@ -62,24 +64,29 @@ def ray_engine(address: str | None, workers: int):
         import ray
         import ray.data
 
-        connect(address)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.execution_options.preserve_order = False
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        n = max(1, min(workers or cpus, cpus, len(units)))
-        rows = [{"unit": json.dumps({"unit": u.to_json(), "force": forced.get(u.index)})} for u in units]
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        ds = ds.map_batches(
-            TokenizeUnits,
-            fn_constructor_kwargs={"job": job},
-            batch_size=1,
-            num_cpus=1,
-            concurrency=n,
-            batch_format="default",
-        )
-        for row in ds.iter_rows():
-            yield json.loads(row["record"])
+        started = connect(address)
+        try:
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False
+            ctx.print_on_execution_start = False
+            ctx.execution_options.preserve_order = False
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            n = max(1, min(workers or cpus, cpus, len(units)))
+            rows = [{"unit": json.dumps({"unit": u.to_json(), "force": forced.get(u.index)})} for u in units]
+            ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+            ds = ds.map_batches(
+                TokenizeUnits,
+                fn_constructor_kwargs={"job": job},
+                batch_size=1,
+                num_cpus=1,
+                concurrency=n,
+                batch_format="default",
+            )
+            for row in ds.iter_rows():
+                yield json.loads(row["record"])
+        finally:
+            if started:
+                ray.shutdown()
 
     return run
 

@@ -92,6 +92,9 @@ class ModelSpec(StrictModel):
         return LlamaDims(**base)
 
 
+DEFAULT_DATA_PATH = "datasets/manpages-ja"
+
+
 class MixtureEntry(StrictModel):
     path: str = Field(description="Prepared dataset directory; relative paths are under the cluster's storage root.")
     weight: float = Field(gt=0, description="Relative share of the training samples drawn from it.")
@@ -99,7 +102,7 @@ class MixtureEntry(StrictModel):
 
 class DataSpec(StrictModel):
     path: str = Field(
-        "datasets/manpages-ja",
+        DEFAULT_DATA_PATH,
         description="Prepared dataset directory (tokenizer.json, shards); relative paths are "
         "under the cluster's storage root.",
     )
@@ -119,7 +122,7 @@ class DataSpec(StrictModel):
     @model_validator(mode="after")
     def _path_or_mixture(self) -> DataSpec:
         if self.mixture is not None:
-            if "path" in self.model_fields_set:
+            if self.path != DEFAULT_DATA_PATH:
                 raise ValueError("set data.path or data.mixture, not both")
             if not self.mixture:
                 raise ValueError("data.mixture: expected at least one dataset")

@@ -10,7 +10,7 @@ import pytest
 from controlplane import data
 from controlplane.data.mixture import check_mixture
 from controlplane.errors import ConfigurationError, UserError
-from controlplane.spec import RunSpec, validate
+from controlplane.spec import RunSpec, dump_spec, read_record, validate
 from jobs.pretrain.dataset import INDEX_DIR, TrainData
 from jobs.pretrain.schedule import Blend, WindowIndex, blend_counts
 
@@ -107,6 +107,7 @@ def test_mixture_needs_one_tokenizer_and_a_valid_spec(two_datasets):
     spec = validate(RunSpec, {"name": "m", "train": {"max_steps": 2},
                               "data": {"mixture": [{"path": "a", "weight": 7}, {"path": "b", "weight": 3}]}})  # fmt: skip
     assert spec.data.datasets() == [("a", 0.7), ("b", 0.3)]
+    assert read_record(RunSpec, dump_spec(spec)).data == spec.data  # the frozen spec reads back
     for bad, msg in (
         ({"path": "x", "mixture": [{"path": "a", "weight": 1}]}, "not both"),
         ({"mixture": [{"path": "a", "weight": 0}]}, "weight"),
