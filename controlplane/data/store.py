@@ -16,7 +16,9 @@ Format 1 (a single `train.bin` / `heldout.bin`) is still read, as one shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -82,6 +84,7 @@ class TokenStore:
                 m = np.zeros(0, dtype=self.dtype)
             else:
                 m = np.memmap(ref.path, dtype=self.dtype, mode="r", shape=(ref.tokens,))
+                _advise_random(m)
             self._maps[k] = m
         return m
 
@@ -93,6 +96,14 @@ class TokenStore:
     @cached_property
     def sources(self) -> list[str]:
         return sorted({s.source for s in self.shards})
+
+
+def _advise_random(m: np.memmap) -> None:
+    """Windows are read in shuffled order: readahead would fetch pages no sample needs."""
+    raw = getattr(m, "_mmap", None)
+    if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+        with contextlib.suppress(OSError, ValueError):
+            raw.madvise(mmap.MADV_RANDOM)
 
 
 def _shard_refs(root: Path, meta: dict[str, Any], split: str, dtype: np.dtype) -> list[ShardRef]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from controlplane.data.store import TokenStore, read_meta
+from controlplane.data.store import TokenStore, _advise_random, read_meta
 from jobs.pretrain.schedule import BatchPlan, WindowIndex, build_permutation
 
 INDEX_DIR = "index"
@@ -71,6 +71,7 @@ def _cached_permutation(dataset: Path, windows: int, seq_len: int, seed: int) ->
     with contextlib.suppress(OSError, ValueError):
         perm = np.load(path, mmap_mode="r")
         if perm.shape == (windows,):
+            _advise_random(perm)
             return perm
     perm = build_permutation(windows, seed)
     with contextlib.suppress(OSError):
