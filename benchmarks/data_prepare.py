@@ -49,7 +49,10 @@ def baseline(files: list[Path], tokenizer: Path, out: Path) -> tuple[int, float]
         for path in files:
             with open(path, encoding="utf-8") as src:
                 for line in src:
-                    ids = tok.encode(json.loads(line)["text"], add_special_tokens=False).ids
+                    text = json.loads(line)["text"].strip()  # as prepare reads a document
+                    if not text:
+                        continue
+                    ids = tok.encode(text, add_special_tokens=False).ids
                     ids.append(eos)
                     np.asarray(ids, dtype=np.uint16).tofile(f)
                     n += len(ids)

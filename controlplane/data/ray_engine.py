@@ -79,7 +79,7 @@ def ray_engine(address: str | None, workers: int):
                 fn_constructor_kwargs={"job": job},
                 batch_size=1,
                 num_cpus=1,
-                concurrency=n,
+                compute=ray.data.ActorPoolStrategy(size=n),
                 batch_format="default",
             )
             for row in ds.iter_rows():
