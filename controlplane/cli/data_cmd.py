@@ -217,7 +217,7 @@ def show(
     for r in report:
         for row in r["rows"]:
             cells = [
-                r["dataset"],
+                Path(r["dataset"]).name,
                 f"{r['weight']:.3f}",
                 row["source"],
                 f"{row['docs']:,}",
