@@ -49,6 +49,9 @@ def prepare(
     workers: Annotated[
         int | None, typer.Option("--workers", help="Tokenizing workers (default: every CPU of the engine).")
     ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="On a resume, re-hash every finished shard (default: check sizes).")
+    ] = False,
     cluster: ClusterOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -93,6 +96,7 @@ def prepare(
             unit_bytes=int(unit_mb * 1024 * 1024),
             engine=chosen,
             min_ray_units=2 if engine == "auto" else 1,
+            verify=verify,
             workers=workers or ((os.cpu_count() or 1) if chosen == "local" else 0),
             ray_address=address,
             progress=bar.update,

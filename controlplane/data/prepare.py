@@ -7,8 +7,8 @@
 3. Every unit without a valid completion record is tokenized into its shards by an engine:
    `local` (this process, or a process pool of `workers`), or `ray` (Ray Data `map_batches`
    over an actor pool on the cluster's CPUs). The record of a finished unit carries its
-   checksums; on a restart, recorded units whose shards still verify are kept and the rest
-   (a torn unit, an edited shard) are redone. A change of inputs, seed or tokenizer starts over.
+   checksums; on a restart, recorded units whose shards still verify (sizes; with `verify`,
+   checksums) are kept and the rest (a torn unit, a truncated or edited shard) are redone. A change of inputs, seed or tokenizer starts over.
 4. A source where no document fell in the held-out split holds out its training document of
    lowest draw (that one unit is redone), so every source with two documents has a held-out part.
 5. The manifest (`meta.json`) is written last: sources with their hashes, tokens and documents
@@ -75,6 +75,7 @@ class PrepareOptions:
     sample_bytes: int = DEFAULT_SAMPLE_BYTES
     unit_bytes: int = UNIT_BYTES
     engine: str = "local"  # local | ray
+    verify: bool = False  # on a restart, re-hash every finished shard (else their sizes are checked)
     min_ray_units: int = 1  # fewer pending units than this run in this process (no parallelism to gain)
     workers: int = 1
     ray_address: str | None = None
@@ -138,7 +139,8 @@ def prepare(sources: str | Path | list[str | Path], out: Path, **kw: Any) -> dic
         "dtype": plan["dtype"],
         "plan_sha256": plan["key"],
     }
-    records, reused = _valid_records(out, units, plan["key"])
+    itemsize = np.dtype(plan["dtype"]).itemsize
+    records, reused = _valid_records(out, units, plan["key"], itemsize, opts.verify)
     todo = [u for u in units if u.index not in records]
     engine = _engine(opts, len(todo))
     if opts.progress:
@@ -186,11 +188,11 @@ def _stat_key(root: Path, files: tuple[str, ...]) -> list[list[int]]:
     return out
 
 
-def _valid_records(out: Path, units: list[Unit], key: str) -> tuple[dict[int, dict], int]:
+def _valid_records(out: Path, units: list[Unit], key: str, itemsize: int, full: bool) -> tuple[dict[int, dict], int]:
     records: dict[int, dict] = {}
     for u in units:
         rec = _read_json(record_path(out, u.index))
-        if rec and rec.get("plan") == key and verify_record(out, rec):
+        if rec and rec.get("plan") == key and verify_record(out, rec, itemsize, full):
             records[u.index] = rec
     return records, len(records)
 

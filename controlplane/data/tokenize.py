@@ -191,15 +191,16 @@ def tokenize_unit(unit: Unit, job: dict[str, Any], force_heldout: str | None = N
     return rec
 
 
-def verify_record(out: Path, rec: dict[str, Any]) -> bool:
-    """Both shards of a recorded unit exist with the recorded checksums (a torn or edited shard fails)."""
+def verify_record(out: Path, rec: dict[str, Any], itemsize: int, full: bool = False) -> bool:
+    """Both shards of a recorded unit exist at their recorded sizes (a truncated shard fails) and,
+    with `full`, hash to their recorded checksums (an edited one fails too)."""
     for s in rec["shards"].values():
         base = out / SHARD_DIR / s["name"]
+        bin_path, idx_path = base.with_suffix(".bin"), base.with_suffix(".idx")
         try:
-            if (
-                sha256_file(base.with_suffix(".bin")) != s["sha256"]
-                or sha256_file(base.with_suffix(".idx")) != s["idx_sha256"]
-            ):
+            if bin_path.stat().st_size != s["tokens"] * itemsize or idx_path.stat().st_size != (s["docs"] + 1) * 8:
+                return False
+            if full and (sha256_file(bin_path) != s["sha256"] or sha256_file(idx_path) != s["idx_sha256"]):
                 return False
         except OSError:
             return False

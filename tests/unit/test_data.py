@@ -209,11 +209,17 @@ def test_prepare_killed_midway_resumes_and_redoes_a_torn_shard(tmp_path):
     torn = out / "shards" / f"{first['shards']['train']['name']}.bin"
     with open(torn, "r+b") as f:  # a shard damaged after its record: must be redone, not trusted
         f.truncate(torn.stat().st_size // 2)
-    kept_mtime = done[1].stat().st_mtime_ns
-    res = CliRunner().invoke(app, args, env={"LLMCTL_HOME": str(tmp_path / "home")})
+    second = json.loads(done[1].read_text())
+    edited = out / "shards" / f"{second['shards']['train']['name']}.bin"
+    raw = bytearray(edited.read_bytes())
+    raw[0] ^= 0xFF  # same size, other bytes: only --verify's checksums see it
+    edited.write_bytes(bytes(raw))
+    kept_mtime = done[2].stat().st_mtime_ns
+    res = CliRunner().invoke(app, [*args, "--verify"], env={"LLMCTL_HOME": str(tmp_path / "home")})
     assert res.exit_code == 0, res.output
     meta = json.loads(res.stdout)
-    assert meta["resumed_units"] >= 2 and done[1].stat().st_mtime_ns == kept_mtime
+    assert meta["resumed_units"] >= 1 and done[2].stat().st_mtime_ns == kept_mtime
+    assert json.loads(done[1].read_text())["pid"] != second["pid"]  # the edited unit was redone
     clean = data.prepare(src, tmp_path / "clean", vocab_size=300, unit_bytes=int(0.02 * 1024 * 1024))
     assert _shard_bytes(out) == _shard_bytes(tmp_path / "clean")
     assert _stable(data.read_meta(out)) == _stable(clean)
