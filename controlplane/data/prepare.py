@@ -8,7 +8,8 @@
    `local` (this process, or a process pool of `workers`), or `ray` (Ray Data `map_batches`
    over an actor pool on the cluster's CPUs). The record of a finished unit carries its
    checksums; on a restart, recorded units whose shards still verify (sizes; with `verify`,
-   checksums) are kept and the rest (a torn unit, a truncated or edited shard) are redone. A change of inputs, seed or tokenizer starts over.
+   checksums) are kept and the rest (a torn unit, a truncated or edited shard) are redone.
+   A change of inputs, seed or tokenizer starts over.
 4. A source where no document fell in the held-out split holds out its training document of
    lowest draw (that one unit is redone), so every source with two documents has a held-out part.
 5. The manifest (`meta.json`) is written last: sources with their hashes, tokens and documents

@@ -115,3 +115,31 @@ def test_mixture_needs_one_tokenizer_and_a_valid_spec(two_datasets):
     ):
         with pytest.raises(ConfigurationError, match=msg):
             validate(RunSpec, {"name": "m", "train": {"max_steps": 2}, "data": bad})
+
+
+def test_data_show_run_spec_gives_epochs_per_source_of_the_mixture(two_datasets, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from controlplane.cli.main import app
+
+    ja, code = data.read_meta(two_datasets / "ds-ja"), data.read_meta(two_datasets / "ds-code")
+    spec = {
+        "name": "mix",
+        "train": {"max_steps": 100, "global_batch_size": 8, "seq_len": 64},
+        "data": {"mixture": [{"path": str(two_datasets / "ds-ja"), "weight": 0.7},
+                             {"path": str(two_datasets / "ds-code"), "weight": 0.3}]},
+    }  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(spec))
+    res = CliRunner().invoke(app, ["data", "show", "--run", str(tmp_path / "run.yaml"), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    budget = 100 * 8 * 64
+    assert report["budget_tokens"] == budget
+    (row_ja,), (row_code,) = (d["sources"] for d in report["datasets"])
+    assert row_ja["epochs"] == pytest.approx(0.7 * budget / ja["train_tokens"])
+    assert row_code["epochs"] == pytest.approx(0.3 * budget / code["train_tokens"])
+    spec["data"]["mixture"][1]["path"] = str(two_datasets / "ds-own")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
+    bad = CliRunner().invoke(app, ["data", "show", "--run", str(tmp_path / "bad.yaml")])
+    assert bad.exit_code == 2 and "tokenizer differs" in bad.output
