@@ -118,7 +118,6 @@ class Unit:
     files: tuple[str, ...]
     start: int = 0  # jsonl: byte offset of the first line; parquet: row group
     end: int = 0  # jsonl: byte offset past the last line
-    first_line: int = 1
     size: int = 0  # input bytes (for progress)
 
     def to_json(self) -> dict:
@@ -131,7 +130,7 @@ class Unit:
 
 @dataclass(frozen=True)
 class Document:
-    key: str  # file[:line]; with the source name and the seed it decides the held-out split
+    key: str  # file, file@byte offset (jsonl) or file:row (parquet); with source and seed: the held-out draw
     text: str
 
 
@@ -211,9 +210,9 @@ def plan_units(sources: list[Source], text_field: str, unit_bytes: int = UNIT_BY
                 group.append(rel)
                 group_size += size
             elif kind == "jsonl":
-                for start, end, first_line in _line_ranges(path, unit_bytes):
+                for start, end in _line_ranges(path, unit_bytes):
                     add(source=src.name, kind=kind, root=src.root, files=(rel,), start=start, end=end,
-                        first_line=first_line, size=end - start)  # fmt: skip
+                        size=end - start)  # fmt: skip
             elif kind == "jsonl.gz":
                 add(source=src.name, kind=kind, root=src.root, files=(rel,), size=size)
             elif kind == "parquet":
@@ -239,39 +238,33 @@ def _open_binary(path: Path):
         raise DataSourceError(f"{path}: cannot read ({exc.strerror})") from None
 
 
-def _line_ranges(path: Path, unit_bytes: int) -> Iterator[tuple[int, int, int]]:
-    """(start, end, first line number) of consecutive pieces of about `unit_bytes`, cut after a newline."""
-    start, line = 0, 1
-    buf_size = 1 << 20
+def _line_ranges(path: Path, unit_bytes: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of consecutive pieces of about `unit_bytes`, each cut just after a newline.
+
+    Reads only the line at each cut, never the file: planning costs O(units), not O(bytes)."""
+    size = _size(path)
+    start = 0
     with _open_binary(path) as f:
-        size = _size(path)
         while start < size:
-            target = start + unit_bytes
-            if target >= size:
+            end = start + unit_bytes
+            if end >= size:
                 end = size
             else:
-                f.seek(target)
-                tail = b""
-                while True:
-                    chunk = f.read(buf_size)
-                    if not chunk:
-                        break
-                    nl = chunk.find(b"\n")
-                    if nl >= 0:
-                        tail += chunk[: nl + 1]
-                        break
-                    tail += chunk
-                end = min(size, target + len(tail))
-            f.seek(start)
-            lines, left = 0, end - start
-            while left > 0:
-                chunk = f.read(min(buf_size, left))
-                if not chunk:
-                    break
-                lines += chunk.count(b"\n")
-                left -= len(chunk)
-            yield start, end, line
-            start, line = end, line + lines
+                f.seek(end)
+                end = min(size, end + len(f.readline()))
+            yield start, end
+            start = end
+
+
+def _line_number(path: Path, offset: int) -> int:
+    """1-based number of the line starting at byte `offset` (counted only to report an error)."""
+    n = 1
+    with _open_binary(path) as f:
+        left = offset
+        while left > 0 and (chunk := f.read(min(1 << 22, left))):
+            n += chunk.count(b"\n")
+            left -= len(chunk)
+    return n
 
 
 def _parquet_row_groups(path: Path, text_field: str) -> int:
@@ -338,27 +331,35 @@ def iter_unit(unit: Unit, text_field: str, stats: ReadStats) -> Iterator[Documen
 
 
 def _iter_jsonl(path: Path, unit: Unit, text_field: str, stats: ReadStats) -> Iterator[Document]:
+    """Documents keyed by file and byte offset (a cut never changes a key); errors name the line."""
     try:
         gz = unit.kind == "jsonl.gz"
         with gzip.open(path, "rb") if gz else _open_binary(path) as f:
-            lines = _lines(f, 0, None) if gz else _lines(f, unit.start, unit.end)
-            for i, raw in enumerate(lines, start=unit.first_line):
+            start = 0 if gz else unit.start
+            pos = start
+            for i, raw in enumerate(_lines(f, start, None if gz else unit.end)):
+                offset, pos = pos, pos + len(raw)
                 if not raw.strip():
                     continue
                 line = _decode(raw, stats)
                 if line is None:
                     continue
-                where = f"{path}:{i}"
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataSourceError(f"{where}: not valid JSON ({exc.msg})") from None
+                    raise DataSourceError(f"{_where(path, start, offset, i)}: not valid JSON ({exc.msg})") from None
                 text = rec.get(text_field) if isinstance(rec, dict) else None
                 if not isinstance(text, str):
-                    raise DataSourceError(f"{where}: no string field {text_field!r} (set --text-field)")
-                yield from _doc(f"{unit.files[0]}:{i}", text, stats)
+                    raise DataSourceError(
+                        f"{_where(path, start, offset, i)}: no string field {text_field!r} (set --text-field)"
+                    )
+                yield from _doc(f"{unit.files[0]}@{offset}", text, stats)
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise DataSourceError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _where(path: Path, start: int, offset: int, i: int) -> str:
+    return f"{path}:{i + 1 if start == 0 else _line_number(path, offset)}"
 
 
 def _lines(f, start: int, end: int | None) -> Iterator[bytes]:

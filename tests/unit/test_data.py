@@ -269,3 +269,15 @@ def test_token_store_maps_shards_without_reading_them_whole(tmp_path):
     store = TokenStore(tmp_path / "ds")
     assert len(store.shards) >= 4 and isinstance(store.shard(0), np.memmap)
     assert store.tokens == data.read_meta(tmp_path / "ds")["train_tokens"]
+
+
+def test_a_bad_line_deep_in_a_later_unit_is_named_by_its_line_number(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    lines = [json.dumps({"text": f"文書 {i} " * 10}, ensure_ascii=False) for i in range(500)]
+    lines.append(json.dumps({"body": "wrong field"}))
+    (root / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    res = CliRunner().invoke(app, ["data", "prepare", str(root), "--out", str(tmp_path / "ds"), "--engine", "local",
+                                   "--unit-mb", "0.01", "--vocab-size", "300"])  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert "a.jsonl:501: no string field 'text'" in " ".join(res.output.split())
