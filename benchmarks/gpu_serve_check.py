@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_telemetry_check import Window  # noqa: E402
-from serving_common import TEXT, closed_loop, prompts, start_server, stop_server  # noqa: E402
+from serving_common import TEXT, closed_loop, prompts, start_server, stop_server, vllm_server_cmd  # noqa: E402
 
 from controlplane.procs import free_port  # noqa: E402
 from controlplane.spec.run import PRESET_DEFAULT_VOCAB, PRESETS  # noqa: E402
@@ -121,8 +121,7 @@ def main() -> int:
     port = free_port()
     theirs = measure(
         "vllm-serve",
-        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--served-model-name", "v13b"]
-        + ["--host", "127.0.0.1", "--port", str(port), "--disable-log-stats", *common],
+        vllm_server_cmd(sys.executable, model, "v13b", port, "--disable-log-stats", *common),
         port,
         f"http://127.0.0.1:{port}/v1/completions",
         "v13b",

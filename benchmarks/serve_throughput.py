@@ -27,7 +27,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serving_common import RayService, closed_loop, prompts, start_server, stop_server, tiny_model  # noqa: E402
+from serving_common import (  # noqa: E402
+    RayService,
+    closed_loop,
+    prompts,
+    start_server,
+    stop_server,
+    tiny_model,
+    vllm_server_cmd,
+)
 
 from controlplane.procs import free_port  # noqa: E402
 
@@ -37,24 +45,17 @@ KV_CACHE_GIB = 0.25
 def vllm_serve(model: Path, texts: list[str], concurrency: int, max_tokens: int, max_num_seqs: int, log: Path):
     """vLLM's own server on 127.0.0.1, the same engine settings llmctl's replica uses."""
     port = free_port()
-    cmd = [
+    cmd = vllm_server_cmd(
         sys.executable,
-        "-m",
-        "vllm.entrypoints.cli.main",
-        "serve",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--served-model-name",
+        model,
         "bench",
+        port,
         "--max-num-seqs",
         str(max_num_seqs),
         "--kv-cache-memory-bytes",
         str(int(KV_CACHE_GIB * 2**30)),
         "--disable-log-stats",
-    ]
+    )
     proc = start_server(cmd, port, log, timeout_s=600)
     try:
         url = f"http://127.0.0.1:{port}/v1/completions"

