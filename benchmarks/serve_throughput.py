@@ -94,9 +94,6 @@ def main() -> int:
     base = None
     if not args.skip_transformers:
         base = llmctl(model, "transformers", texts[: args.transformers_requests], *n)
-        import ray
-
-        ray.shutdown()
 
     result = {
         "llmctl_vllm": ours.summary(),

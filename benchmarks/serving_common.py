@@ -197,7 +197,10 @@ def vllm_server_cmd(python: str, model: Path, name: str, port: int, *extra: str)
 
 
 class RayService:
-    """One version of a model behind llmctl's router on a private local Ray (a rollout with no canary)."""
+    """One version of a model behind llmctl's router on a private local Ray (a rollout with no canary).
+
+    Ray is started on entry and shut down on exit, so services can follow one another.
+    """
 
     def __init__(self, model: Path, engine: str, name: str = "bench", **serve: Any):
         self.model, self.engine, self.name, self.serve = model, engine, name, serve
@@ -230,7 +233,12 @@ class RayService:
         return f"http://127.0.0.1:{port}/{self.name}/v1/completions"
 
     def __exit__(self, *exc: Any) -> None:
+        import ray
+        from ray import serve
+
         from controlplane.rollout import store
 
         self.backend.teardown(self.spec)
         store.delete_service(self.ctx.ledger, self.name)
+        serve.shutdown()  # Serve's HTTP proxy keeps its first port: the next service starts afresh
+        ray.shutdown()
