@@ -8,8 +8,9 @@ Prints two ratios, both measured in this run on this machine:
 
     python benchmarks/serve_overhead.py [--model DIR] [--requests 300] [--concurrency 4]
 
-Without --model it builds a tiny random LlamaForCausalLM and a byte-level BPE tokenizer
-trained on a few Japanese lines (a second seed for the rollout's candidate).
+Both sides serve with vLLM's async engine (the CPU build without a GPU). Without --model it
+builds a tiny random LlamaForCausalLM and a byte-level BPE tokenizer trained on a few
+Japanese lines (a second seed for the rollout's candidate).
 """
 
 from __future__ import annotations
@@ -21,51 +22,15 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serving_common import TEXT, tiny_model  # noqa: E402
+
 from controlplane.procs import free_port  # noqa: E402
-
-TEXT = [
-    "日本の首都は東京です。東京には多くの人が住んでいます。",
-    "富士山は日本で一番高い山です。冬になると山頂は雪で白くなります。",
-    "図書館で本を借りて、家でゆっくり読みました。",
-    "manコマンドはマニュアルページを表示します。",
-]
-
-
-def tiny_model(out: Path, seed: int) -> Path:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        TEXT * 8,
-        trainers.BpeTrainer(
-            vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.save_pretrained(out)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        eos_token_id=tok.token_to_id("<|endoftext|>"),
-    )
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return out
 
 
 def p99(xs: list[float]) -> float:
@@ -87,19 +52,31 @@ def main() -> int:
     model_b = tiny_model(tmp / "model-b", 1)
     prompts = [f"{TEXT[i % len(TEXT)][:8]}{i}" for i in range(args.requests)]
 
-    # 1. Direct calls: the same engine, same concurrency, one process.
-    os.environ.setdefault("LLMCTL_SERVE_THREADS", "1")
-    from jobs.serve.engine import load_engine
-    from jobs.serve.openai import parse_completion_request
+    # 1. Direct calls: the same engine (vLLM's AsyncLLM), same concurrency, one process.
+    import asyncio
 
-    engine = load_engine(model_a, "transformers")
-    reqs = [parse_completion_request({"prompt": p, "max_tokens": args.max_tokens}) for p in prompts]
-    engine.complete(reqs[0])
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(args.concurrency) as pool:
-        list(pool.map(engine.complete, reqs))
-    direct_rps = len(reqs) / (time.perf_counter() - t0)
-    del engine
+    from jobs.serve.engine import load_engine
+    from jobs.serve.responder import Responder
+
+    engine = load_engine(model_a, "vllm")
+    responder = Responder(engine, "direct")
+
+    async def direct() -> float:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        for p in prompts:
+            queue.put_nowait(p)
+
+        async def client() -> None:
+            while not queue.empty():
+                await responder.complete("completions", {"prompt": queue.get_nowait(), "max_tokens": args.max_tokens})
+
+        await responder.complete("completions", {"prompt": "warm", "max_tokens": args.max_tokens})
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(args.concurrency)))
+        return len(prompts) / (time.perf_counter() - t0)
+
+    direct_rps = asyncio.run(direct())
+    engine.shutdown()
 
     # 2. Through Ray Serve: one replica of the same model behind the router.
     import httpx

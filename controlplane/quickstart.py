@@ -144,12 +144,12 @@ def step_serve(q: Quickstart) -> None:
     from controlplane.rollout.quickstart import serve_and_sample
 
     report: dict[str, Any] = {}
-    texts = serve_and_sample(q.ctx, q.run_id, PROMPTS, max_tokens=16, replicas=2, report=report)
+    texts = serve_and_sample(q.ctx, q.run_id, PROMPTS, max_tokens=16, report=report)
     scores = report.get("scores", {})
     shown = ", ".join(f"{k} {v:.3g}" for k, v in scores.items() if isinstance(v, (int, float)))
     q.summary.append(f"evaluation   {shown}")
     q.summary.append(
-        f"serving      rollout {report.get('rollout_id')} promoted to 2 CPU replicas at {report.get('endpoint')}"
+        f"serving      rollout {report.get('rollout_id')} promoted to {report.get('engine', 'vLLM')} at {report.get('endpoint')}"
     )
     for prompt, text in zip(PROMPTS, texts, strict=True):
         q.summary.append(f"             {prompt!r} -> {(prompt + text).strip()!r}")
@@ -161,7 +161,7 @@ STEPS: list[Step] = [
     Step("Pretraining the tiny Llama on 2 CPU workers", step_train),
     Step("Accounting where the time went", step_goodput, needs_run=True),
     Step("Accounting the energy", step_energy, needs_run=True),
-    Step("Export, evaluate, roll out to 2 CPU replicas, and ask for completions", step_serve, needs_run=True),
+    Step("Export, evaluate, roll out on vLLM, and ask for completions", step_serve, needs_run=True),
 ]
 
 

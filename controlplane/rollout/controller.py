@@ -24,6 +24,7 @@ from typing import Any
 from controlplane.rollout import store
 from controlplane.rollout.analysis import Action, Decision, Thresholds, Window, analyze, gate, required_tasks
 from controlplane.rollout.backend import DeployError, ServingBackend
+from controlplane.rollout.engine_check import check_model_dir
 from controlplane.rollout.evaluation import EvalRequest, evaluate
 from controlplane.rollout.export import resolve_model
 from controlplane.spec import RolloutSpec
@@ -80,6 +81,7 @@ class RolloutController:
         ledger = self.ledger
         store.update_rollout(ledger, rid, state=store.GATING)
         exported = resolve_model(self.ctx, spec.model)
+        check_model_dir(exported.model_dir, spec.serve.engine)  # one line, exit 2: before the gate and any replica
         cand = exported.version
         store.update_rollout(ledger, rid, candidate_version=cand, candidate_model=str(exported.model_dir))
         if cand == stable:

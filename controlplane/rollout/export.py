@@ -5,7 +5,8 @@
         config.json              LlamaConfig with architectures = [LlamaForCausalLM] (vLLM needs it)
         generation_config.json   bos/eos ids, greedy by default
         tokenizer.json           the dataset's byte-level BPE tokenizer
-        tokenizer_config.json    PreTrainedTokenizerFast + special tokens
+        tokenizer_config.json    PreTrainedTokenizerFast + special tokens + CHAT_TEMPLATE
+        chat_template.jinja      the same chat template, where transformers 5 looks for it
         special_tokens_map.json
         llmctl_export.json       provenance: run, step, checkpoint checksum
 
@@ -33,6 +34,12 @@ from controlplane.rundir import RunDir, fsync_dir
 
 EXPORT_MARKER = "llmctl_export.json"
 _DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+# A plain chat layout for a base model (it has no chat tokens of its own): one "role: text" turn
+# per line, each ended by the end-of-text token, and the assistant's turn opened.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 _SPECIAL_CANDIDATES = {
     "bos": ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|endoftext|>"),
     "eos": ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"),
@@ -181,6 +188,7 @@ def export_checkpoint(run_dir: RunDir, step: int | None = None, out: Path | None
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": int(config.get("max_position_embeddings") or 2048),
         "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
         **special_map,
     }
     provenance = {
@@ -198,6 +206,7 @@ def export_checkpoint(run_dir: RunDir, step: int | None = None, out: Path | None
     try:
         shutil.copyfile(info.path / "model.safetensors", staging / "model.safetensors")
         shutil.copyfile(tok_path, staging / "tokenizer.json")
+        (staging / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
         files = {
             "config.json": config,
             "generation_config.json": generation,

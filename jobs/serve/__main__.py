@@ -4,6 +4,8 @@
     python -m jobs.serve status --address GCS_ADDRESS          {"apps": {app: status}, "gpus": N} as JSON
     python -m jobs.serve delete --address GCS_ADDRESS [--app NAME]... [--prefix SERVICE]
     python -m jobs.serve standalone --model-dir DIR --version V [--host H] [--port P] [--cluster C]
+        [--engine auto|vllm|transformers] [--max-num-seqs N] [--kv-cache-gib G] [--enforce-eager]
+        [--load-format dummy]   (vLLM's random weights: for benchmarks of a shape, not for serving)
 
 `deploy` reads one JSON config:
     {"kind": "router" | "version", "app_name": ..., "route_prefix": "/svc" | null,
@@ -105,11 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--engine", default="auto")
     s.add_argument("--cluster", default="local", help="The `cluster` label of the metrics.")
+    s.add_argument("--max-num-seqs", type=int, default=None, help="Sequences vLLM batches at once.")
+    s.add_argument("--kv-cache-gib", type=float, default=None, help="vLLM KV-cache size, GiB.")
+    s.add_argument("--enforce-eager", action="store_true", help="Skip vLLM's graph compilation.")
+    s.add_argument("--load-format", default=None, help="vLLM load format ('dummy': random weights).")
     args = p.parse_args(argv)
     if args.cmd == "standalone":
+        from jobs.serve.engine import engine_options
         from jobs.serve.standalone import run_standalone
 
-        return run_standalone(args.model_dir, args.version, args.host, args.port, args.engine, args.cluster)
+        opts = engine_options(
+            {
+                "max_num_seqs": args.max_num_seqs,
+                "kv_cache_gib": args.kv_cache_gib,
+                "enforce_eager": args.enforce_eager or None,
+                "load_format": args.load_format,
+            }
+        )
+        return run_standalone(args.model_dir, args.version, args.host, args.port, args.engine, args.cluster, opts)
     if args.cmd in ("status", "delete"):
         try:
             result = status(args.address) if args.cmd == "status" else delete(args.address, args.app, args.prefix)

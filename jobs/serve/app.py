@@ -1,8 +1,9 @@
 """The Ray Serve applications: one per model version, and one router per service.
 
     service "chat"                    HTTP route /chat  (Ray Serve proxy)
-      app "chat"          Router      auth, weighted split, metrics, /v1/completions, /health
-      app "chat--<ver>"   Model x N   one replica per GPU (num_gpus: 1), or num_cpus on CPU hosts
+      app "chat"          Router      auth, weighted split, metrics, /v1/completions,
+                                      /v1/chat/completions (streamed or not), /v1/models, /health
+      app "chat--<ver>"   Model x N   one vLLM AsyncLLM per replica (num_gpus: 1, or num_cpus on CPU hosts)
 
 Versions live in applications of their own, so a candidate is added and removed without
 touching the stable one; the router sends each request to a version drawn by weight and
@@ -10,67 +11,65 @@ measures what the client sees. The control plane changes weights and reads windo
 HTTP (`<prefix>/admin/...`, an admin token whose digest the router holds), so it needs no
 Ray driver of its own; a weight change applies atomically to all new requests.
 
-Drill switch (documented fault injection for canary drills and tests): a version's
-`drill: {"error_rate": 0.3, "delay_s": 1.5, "seed": 0}` makes its replicas raise on that
-fraction of requests and/or sleep that long before generating. The model is real; so is the
-fault. Leave it empty in production.
+Every replica hands each request to its engine as it arrives (no lock, no thread pool), so
+vLLM batches the requests of all clients continuously; `max_ongoing_requests` bounds what a
+replica accepts at once. Its Serve health check asks the engine (`AsyncLLM.check_health`),
+so a dead engine core gets the replica replaced. The drill switch is in jobs/serve/responder.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 
-from jobs.serve.engine import load_engine, vllm_status
+from jobs.serve.engine import engine_options, load_engine
 from jobs.serve.metrics import ServeMetrics
-from jobs.serve.openai import BadRequest, authorized, completion_response, error_body, parse_completion_request
+from jobs.serve.openai import BadRequest, authorized, endpoint_kind, error_body, parse_request, sse_events
+from jobs.serve.responder import DrillError, Responder
 
 VERSION_HEADER = "x-llmctl-version"
+__all__ = ["DrillError", "ModelServer", "Router", "router_app", "version_app"]
 
 
-class DrillError(RuntimeError):
-    """A failure injected on purpose by the drill switch."""
-
-
-@serve.deployment(name="Model", max_ongoing_requests=8, health_check_period_s=2.0, graceful_shutdown_timeout_s=20.0)
+@serve.deployment(name="Model", max_ongoing_requests=64, health_check_period_s=5.0, graceful_shutdown_timeout_s=20.0)
 class ModelServer:
-    def __init__(self, cfg: dict[str, Any]):
+    async def __init__(self, cfg: dict[str, Any]):
         self.version = cfg["version"]
-        self.engine = load_engine(cfg["model_dir"], cfg.get("engine", "auto"), cfg.get("device", "auto"))
-        vllm_ok, why = vllm_status()
-        note = "" if vllm_ok or self.engine.name == "vllm" else f" ({why})"
-        logging.getLogger("ray.serve").info(f"{self.version}: engine {self.engine.name} on {self.engine.device}{note}")
-        drill = cfg.get("drill") or {}
-        self.error_rate = float(drill.get("error_rate", 0.0))
-        self.delay_s = float(drill.get("delay_s", 0.0))
-        self.rng = random.Random(drill.get("seed", 0))
-        self.pool = ThreadPoolExecutor(max_workers=int(cfg.get("threads", 2)))
+        engine = cfg.get("engine", "auto")
+        opts = engine_options(cfg) if engine != "transformers" else {}
+        self.engine = load_engine(cfg["model_dir"], engine, cfg.get("device", "auto"), **opts)
+        self.responder = Responder(self.engine, self.version, cfg.get("drill"))
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        logging.getLogger("ray.serve").info(f"{self.version}: engine {self.engine.name} on {self.engine.device}")
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        req = parse_completion_request(body)
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        if self.error_rate and self.rng.random() < self.error_rate:
-            raise DrillError(f"drill: injected failure in {self.version}")
-        results = await asyncio.get_running_loop().run_in_executor(self.pool, self.engine.complete, req)
-        return completion_response(self.version, results)
+    async def complete(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        out = await self.responder.complete(kind, body)
+        out["meta"]["replica"] = self.replica
+        return out
+
+    async def stream(self, kind: str, body: dict[str, Any]):
+        async for item in self.responder.stream(kind, body):
+            if "meta" in item:
+                item["meta"]["replica"] = self.replica
+            yield item
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
 
     async def describe(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "engine": self.engine.name,
-            "device": self.engine.device,
-            "vllm": vllm_status()[1],
-        }
+        return {**self.responder.describe(), "replica": self.replica}
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
 
 
 @serve.deployment(name="Router", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
@@ -114,6 +113,7 @@ class Router:
         self._apply(routes, rollout_id or self.rollout_id)
         for version in [v for v in self.handles if v not in routes]:
             del self.handles[version]
+            self.metrics.forget(version)
         return time.time()
 
     async def stats(self, version: str, since: float) -> dict[str, Any]:
@@ -158,7 +158,7 @@ class Router:
             return JSONResponse(error_body(f"bad admin request: {exc}", "invalid_request_error", 400), 400)
         return JSONResponse(error_body(f"no admin route {action}", "not_found", 404), 404)
 
-    async def __call__(self, request: Request) -> JSONResponse:
+    async def __call__(self, request: Request):
         path = request.url.path.rstrip("/")
         if "/admin/" in path:
             return await self._admin(request, path)
@@ -171,13 +171,14 @@ class Router:
         if path.endswith("/v1/models"):
             data = [{"id": v, "object": "model", "owned_by": "llmctl"} for v in self.routes]
             return JSONResponse({"object": "list", "data": data})
-        if not path.endswith("/v1/completions"):
+        kind = endpoint_kind(path)
+        if kind is None:
             return JSONResponse(error_body(f"no route {path}", "not_found", 404), 404)
         if request.method != "POST":
             return JSONResponse(error_body("use POST", "method_not_allowed", 405), 405)
         try:
             body = await request.json()
-            parse_completion_request(body)
+            req = parse_request(kind, body)
         except BadRequest as exc:
             self.metrics.observe("none", 400, 0.0)
             return JSONResponse(error_body(str(exc), "invalid_request_error", 400), 400)
@@ -188,19 +189,55 @@ class Router:
         if version is None:
             self.metrics.observe("none", 503, 0.0)
             return JSONResponse(error_body("no version is receiving traffic", "unavailable", 503), 503)
+        if req.stream:
+            return await self._stream(version, kind, body)
         start = time.perf_counter()
         self.inflight[version] += 1
         try:
-            result = await self.handles[version].complete.remote(body)
+            out = await self.handles[version].complete.remote(kind, body)
         except Exception as exc:  # the replica failed this request: a server error of this version
-            seconds = time.perf_counter() - start
-            self.metrics.observe(version, 500, seconds)
-            body = error_body(f"{type(exc).__name__}", "server_error", 500)
-            return JSONResponse(body, 500, headers={VERSION_HEADER: version})
+            return self._failed(version, start, exc)
         finally:
             self.inflight[version] -= 1
-        self.metrics.observe(version, 200, time.perf_counter() - start, result["usage"]["completion_tokens"])
-        return JSONResponse(result, headers={VERSION_HEADER: version})
+        self._done(version, start, out["meta"])
+        return JSONResponse(out["response"], headers={VERSION_HEADER: version})
+
+    def _failed(self, version: str, start: float, exc: Exception) -> JSONResponse:
+        self.metrics.observe(version, 500, time.perf_counter() - start)
+        return JSONResponse(error_body(type(exc).__name__, "server_error", 500), 500, headers={VERSION_HEADER: version})
+
+    def _done(self, version: str, start: float, meta: dict[str, Any]) -> None:
+        self.metrics.observe(version, 200, time.perf_counter() - start, int(meta.get("completion_tokens") or 0))
+        self.metrics.observe_tokens(version, meta, str(meta.get("replica", "0")))
+
+    async def _stream(self, version: str, kind: str, body: dict[str, Any]):
+        """Server-sent events. A replica that fails before its first chunk gets a plain 500."""
+        start = time.perf_counter()
+        self.inflight[version] += 1
+        gen = self.handles[version].options(stream=True).stream.remote(kind, body)
+        try:
+            first = await gen.__anext__()
+        except Exception as exc:
+            self.inflight[version] -= 1
+            return self._failed(version, start, exc)
+
+        finished = False
+
+        def done(meta: dict[str, Any]) -> None:
+            nonlocal finished
+            finished = True
+            self._done(version, start, meta)
+
+        async def events():
+            try:
+                async for chunk in sse_events(first, gen, done, lambda _: self._failed(version, start, _)):
+                    yield chunk
+            finally:
+                self.inflight[version] -= 1
+                if not finished:  # the client went away (or the replica failed): stop generating
+                    gen.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={VERSION_HEADER: version})
 
 
 def version_app(cfg: dict[str, Any], num_replicas: int, num_cpus: float, num_gpus: float):

@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 MAX_SAMPLES = 50_000
 
 
@@ -54,6 +55,26 @@ class ServeMetrics:
             ["cluster", "version"],
             registry=self.registry,
         )
+        self.ttft = Histogram(
+            "llmctl_serve_time_to_first_token_seconds",
+            "Time from a request's arrival at its replica to its first generated token, by version.",
+            ["cluster", "version"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "llmctl_serve_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of a request, by version.",
+            ["cluster", "version"],
+            buckets=TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.kv_cache = Gauge(
+            "llmctl_serve_kv_cache_usage_ratio",
+            "Share of the engine's KV cache in use (0..1), as the replica last reported it.",
+            ["cluster", "version", "replica"],
+            registry=self.registry,
+        )
         self.traffic = Gauge(
             "llmctl_rollout_traffic_ratio",
             "Share of traffic routed to each version (0..1).",
@@ -62,6 +83,7 @@ class ServeMetrics:
         )
         self._samples: dict[str, deque[tuple[float, int, float]]] = {}
         self._lock = threading.Lock()
+        self._kv_labels: set[tuple[str, str]] = set()
         self._server: Any = None
         self.port: int | None = None
 
@@ -82,8 +104,8 @@ class ServeMetrics:
         """Create a version's series at zero, so Prometheus' increase() counts its first requests."""
         for code in ("200", "500"):
             self.requests.labels(cluster=self.cluster, version=version, code=code)
-        self.duration.labels(cluster=self.cluster, version=version)
-        self.tokens.labels(cluster=self.cluster, version=version)
+        for series in (self.duration, self.tokens, self.ttft, self.itl):
+            series.labels(cluster=self.cluster, version=version)
 
     def observe(self, version: str, code: int, seconds: float, completion_tokens: int = 0) -> None:
         self.requests.labels(cluster=self.cluster, version=version, code=str(code)).inc()
@@ -93,6 +115,24 @@ class ServeMetrics:
                 self.tokens.labels(cluster=self.cluster, version=version).inc(completion_tokens)
             with self._lock:
                 self._samples.setdefault(version, deque(maxlen=MAX_SAMPLES)).append((time.time(), code, seconds))
+
+    def observe_tokens(self, version: str, meta: dict[str, Any], replica: str = "0") -> None:
+        """The token timings and engine figures a replica reported with a request (see Responder)."""
+        if meta.get("ttft_s") is not None:
+            self.ttft.labels(cluster=self.cluster, version=version).observe(float(meta["ttft_s"]))
+        itl = self.itl.labels(cluster=self.cluster, version=version)
+        for gap in meta.get("itl_s") or ():
+            itl.observe(float(gap))
+        kv = (meta.get("engine") or {}).get("kv_cache_usage")
+        if kv is not None:
+            self.kv_cache.labels(cluster=self.cluster, version=version, replica=replica).set(float(kv))
+            self._kv_labels.add((version, replica))
+
+    def forget(self, version: str) -> None:
+        """Drop a removed version's KV-cache gauges (its replicas are gone)."""
+        for v, replica in [k for k in self._kv_labels if k[0] == version]:
+            self.kv_cache.remove(self.cluster, v, replica)
+            self._kv_labels.discard((v, replica))
 
     def set_traffic(self, rollout_id: str, ratios: dict[str, float], previous: dict[str, float]) -> None:
         for version in previous:

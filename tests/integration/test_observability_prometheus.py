@@ -119,12 +119,12 @@ def stack(ray_home, dataset_dir, tmp_path_factory):
         serve_port = free_port()
         serve_env = {**env, "LLMCTL_DRILL": '{"error_rate": 0.25, "seed": 1}'}
         cmd = [sys.executable, "-m", "jobs.serve", "standalone", "--model-dir", str(exported.model_dir)]
-        cmd += ["--version", exported.version, "--port", str(serve_port)]
+        cmd += ["--version", exported.version, "--port", str(serve_port), "--enforce-eager"]  # vLLM, no compile
         serve_log = open(work / "serve.log", "wb")  # noqa: SIM115 - closed below
         closers.append(serve_log.close)
         procs.append(subprocess.Popen(cmd, env=serve_env, stdout=serve_log, stderr=subprocess.STDOUT))
         serve_url = f"http://127.0.0.1:{serve_port}"
-        wait_for(lambda: _healthy(serve_url), 180, "the serving replica to load its model")
+        wait_for(lambda: _healthy(serve_url), 300, "the serving replica to load its model (a vLLM engine)")
         stop_client = threading.Event()
         client = threading.Thread(target=_client, args=(serve_url, exported.version, stop_client), daemon=True)
         client.start()

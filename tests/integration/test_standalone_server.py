@@ -35,7 +35,7 @@ def standalone(model_dir, version: str, *args: str) -> list[str]:
     ]
 
 
-def wait_healthy(base: str, log=None, timeout_s: float = 90) -> None:
+def wait_healthy(base: str, log=None, timeout_s: float = 300) -> None:  # a vLLM engine starts in 30-120 s here
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -83,8 +83,13 @@ def test_token_required_metrics_exposed_token_never_logged(tmp_path):
         data = ok.json()
         assert data["object"] == "text_completion" and data["model"] == "sa-s10"
         assert data["usage"]["completion_tokens"] <= 5 and isinstance(data["choices"][0]["text"], str)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        chat = {"messages": [{"role": "user", "content": "猫は"}], "max_tokens": 4, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=chat, headers=auth, timeout=30) as r:
+            lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert r.status_code == 200 and lines[-1] == "data: [DONE]" and '"role": "assistant"' in lines[0]
         metrics = httpx.get(f"{base}/metrics", timeout=5).text
-        assert 'llmctl_serve_requests_total{cluster="gpu-west",code="200",version="sa-s10"} 1.0' in metrics
+        assert 'llmctl_serve_requests_total{cluster="gpu-west",code="200",version="sa-s10"} 2.0' in metrics
         assert 'llmctl_serve_requests_total{cluster="gpu-west",code="401",version="none"} 2.0' in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -103,7 +108,7 @@ def test_prometheus_windows_from_a_real_scrape(tmp_path):
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.getcwd(), LLMCTL_DRILL='{"error_rate": 0.3, "seed": 3}')
     env.pop("LLMCTL_SERVE_TOKEN", None)
-    cmd = standalone(model_dir, "pm-s10", "--port", str(port))
+    cmd = standalone(model_dir, "pm-s10", "--port", str(port), "--enforce-eager")  # engine: auto, i.e. vLLM
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"

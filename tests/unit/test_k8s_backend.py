@@ -72,6 +72,8 @@ def test_first_version_pods_request_one_gpu_spread_across_nodes(setup):
     }
     assert c["args"][c["args"].index("--model-dir") + 1].startswith("/llmctl/runs/k8/artifacts/")
     assert c["args"][c["args"].index("--cluster") + 1] == "gpu-west"  # the metrics' cluster label
+    assert c["args"][c["args"].index("--engine") + 1] == "auto"  # vLLM
+    assert c["args"][c["args"].index("--max-num-seqs") + 1] == "64" and "--enforce-eager" not in c["args"]
     # The token reaches pods through a Secret, never the pod spec.
     assert "s3cret-token" not in str(d) and fake.secrets["chat-serve-token"]["stringData"]["token"] == "s3cret-token"
     nodes = [p["node"] for p in pods_of(fake, "k8-s10")]
