@@ -160,10 +160,10 @@ def project_13b(jcqa_chars: float, jsquad_chars: float, answer_tokens: float, to
     """
     from controlplane.planning.gpus import gpu
     from controlplane.planning.plan import flops_per_token, matmul_params
-    from controlplane.spec import RunSpec
+    from controlplane.spec.run import ModelSpec
 
     mfu, decode_batch, hbm = 0.4, 32, 2039e9
-    dims = RunSpec.model_validate({"model": {"preset": "13b"}}).model.dims(32000)
+    dims = ModelSpec(preset="13b").resolve()
     peak = gpu("A100-80GB").peak_flops
     out = {}
     for task, n, chars in (("jcommonsenseqa", 1119, jcqa_chars), ("jsquad", 4442, jsquad_chars)):
@@ -189,6 +189,8 @@ def main() -> None:
         ap.add_argument(f"--{task}-train", type=Path)
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-tokens", type=int, default=None, help="the scorer's batch budget (default: its own)")
+    ap.add_argument("--tasks", default="jcommonsenseqa,jsquad")
     ap.add_argument("--prompt-version", default=DEFAULT_PROMPT_VERSION)
     ap.add_argument("--tokens-per-char", type=float, default=0.8, help="of a 32k Japanese tokenizer (projection)")
     args = ap.parse_args()
@@ -206,13 +208,16 @@ def main() -> None:
         for task in ("jcommonsenseqa", "jsquad"):
             files[task] = getattr(args, task) or made[f"{task}_valid"]
             files[f"{task}_train"] = getattr(args, f"{task}_train") or made[f"{task}_train"]
-        scorer = HFScorer(tiny_model(root / "model"), "cpu")
+        scorer = HFScorer(tiny_model(root / "model"), "cpu", batch_tokens=args.batch_tokens)
         report: dict = {"threads": args.threads, "limit": args.limit, "dtype": scorer.dtype}
+        report["batch_tokens"] = scorer.batch_tokens
         chars = {}
         for task, load, run, k in (
             ("jcommonsenseqa", load_jcommonsenseqa, eval_jcommonsenseqa, 3),
             ("jsquad", load_jsquad, eval_jsquad, 2),
         ):
+            if task not in args.tasks.split(","):
+                continue
             items, train = load(files[task]), load(files[f"{task}_train"])
             tpl = template(task, args.prompt_version)
             todo = plan(items, train, k, args.limit)
@@ -235,9 +240,10 @@ def main() -> None:
             }
             if task == "jsquad":
                 answer_chars = sum(max(len(a) for a in i.answers) for i, _ in todo) / len(todo)
-        report["projected_13b_one_gpu"] = project_13b(
-            chars["jcommonsenseqa"], chars["jsquad"], answer_chars * args.tokens_per_char, args.tokens_per_char
-        )
+        if len(chars) == 2:
+            report["projected_13b_one_gpu"] = project_13b(
+                chars["jcommonsenseqa"], chars["jsquad"], answer_chars * args.tokens_per_char, args.tokens_per_char
+            )
     print(json.dumps(report, ensure_ascii=False, indent=1))
 
 

@@ -8,8 +8,9 @@
   batched to a token budget; logits are taken only where a choice token is predicted.
 - The common token prefix of a batch (the task description, and the examples where they are
   shared) is run once and its key/value cache reused by every row of the batch.
-- Generation: greedy, batched with left padding, sorted by length, stopped at a token that
-  holds a newline, each item capped at its own token budget.
+- Generation: greedy. Each prompt is prefilled alone (the causal attention kernel, no padding
+  to compute), the caches are left-padded into one batch, and all rows decode together, each
+  stopped at a token that holds a newline or at its own token cap.
 - The model is loaded in its saved dtype (`dtype="auto"`), unless told otherwise.
 """
 
@@ -69,7 +70,7 @@ class HFScorer:
         self.device = device
         self.dtype = str(self.model.dtype).removeprefix("torch.")
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
-        self.batch_tokens = batch_tokens or (65536 if device.startswith("cuda") else 4096)
+        self.batch_tokens = batch_tokens or 16384  # tokens per batch: its key/value cache, or packed rows
         self._newline_ids: frozenset[int] | None = None
         params = inspect.signature(self.model.base_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
@@ -153,7 +154,8 @@ class HFScorer:
         """The key/value cache of `prefix`, computed once, repeated for `rows` rows."""
         torch = self.torch
         with torch.no_grad():
-            cache = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True).past_key_values
+            out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
+        cache = out[self._cache_kw]  # the output field is renamed with the argument
         cache.batch_repeat_interleave(rows)
         return cache
 
@@ -192,30 +194,57 @@ class HFScorer:
         return out
 
     def _generate_batch(self, reqs: Sequence[GenRequest]) -> list[str]:
+        """Prefill each prompt alone (the causal kernel, no padding), then decode all rows at once."""
         torch = self.torch
+        from transformers import DynamicCache
+
         stops = self.newline_ids()
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
-        width = max(len(p) for p, _ in reqs)
-        ids = torch.full((len(reqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(reqs), width), dtype=torch.long)
-        for b, (prompt, _) in enumerate(reqs):
-            ids[b, width - len(prompt) :] = torch.tensor(prompt)
-            mask[b, width - len(prompt) :] = 1
+        layers: list[list] = []
+        tokens: list[list[int]] = []
         with torch.no_grad():
-            gen = self.model.generate(
-                ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                max_new_tokens=max(cap for _, cap in reqs),
-                do_sample=False,
-                eos_token_id=sorted(stops) or None,
-                pad_token_id=pad,
-            )[:, width:].cpu()
-        texts = []
-        for b, (_, cap) in enumerate(reqs):
-            new = []
-            for t in gen[b, :cap].tolist():
-                new.append(t)
-                if t in stops:
-                    break
-            texts.append(self.tok.decode(new))
-        return texts
+            for prompt, _ in reqs:
+                out = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1)
+                layers.append(_kv(out[self._cache_kw]))
+                tokens.append([int(out.logits[0, -1].argmax())])
+            width = max(len(p) for p, _ in reqs)
+            merged = []
+            for i in range(len(layers[0])):  # left-pad every row's keys/values to `width`
+                merged.append(tuple(torch.cat([_left_pad(kv[i][j], width) for kv in layers]) for j in (0, 1)))
+            cache = DynamicCache(merged)
+            mask = torch.zeros((len(reqs), width), dtype=torch.long, device=self.device)
+            for b, (prompt, _) in enumerate(reqs):
+                mask[b, width - len(prompt) :] = 1
+            lengths = torch.tensor([len(p) for p, _ in reqs], device=self.device)
+            done = [t[0] in stops or cap <= 1 for t, (_, cap) in zip(tokens, reqs, strict=True)]
+            step = 0
+            while not all(done):
+                mask = torch.cat([mask, torch.ones((len(reqs), 1), dtype=mask.dtype, device=self.device)], dim=1)
+                out = self.model(
+                    input_ids=torch.tensor([[t[-1]] for t in tokens], device=self.device),
+                    attention_mask=mask,
+                    position_ids=(lengths + step)[:, None],
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self._cache_kw: cache},
+                )
+                cache = out[self._cache_kw]
+                step += 1
+                for b, t in enumerate(out.logits[:, -1].argmax(-1).tolist()):
+                    if not done[b]:
+                        tokens[b].append(t)
+                        done[b] = t in stops or len(tokens[b]) >= reqs[b][1]
+        return [self.tok.decode(t) for t in tokens]
+
+
+def _kv(cache) -> list[tuple]:
+    """(keys, values) per layer of a transformers cache (5.x layers, or 4.x key/value lists)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+def _left_pad(t, width: int):
+    import torch
+
+    pad = width - t.shape[-2]
+    return torch.nn.functional.pad(t, (0, 0, pad, 0)) if pad else t
