@@ -32,6 +32,12 @@ def _dtype_kwargs(version: str, dtype: str) -> dict:
     return {"dtype": value} if (major, minor) >= (4, 56) else {"torch_dtype": value}
 
 
+def newline_token_ids(tok) -> frozenset[int]:
+    """Every token of a tokenizer whose text holds a newline."""
+    texts = tok.batch_decode([[i] for i in range(len(tok))])
+    return frozenset(i for i, t in enumerate(texts) if "\n" in t)
+
+
 def batches(lengths: Sequence[int], budget: int, max_rows: int = 256) -> list[list[int]]:
     """Indices sorted by length (longest first), cut into batches of at most `budget` padded tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -83,9 +89,7 @@ class HFScorer:
     def newline_ids(self) -> frozenset[int]:
         """Every token whose text holds a newline: generation stops at the first one."""
         if self._newline_ids is None:
-            n = len(self.tok)
-            texts = self.tok.batch_decode([[i] for i in range(n)])
-            self._newline_ids = frozenset(i for i, t in enumerate(texts) if "\n" in t)
+            self._newline_ids = newline_token_ids(self.tok)
         return self._newline_ids
 
     # ------------------------------------------------------------ choices

@@ -3,8 +3,9 @@
 - Choices: one request per (prompt, choice) with `prompt_logprobs=1` and `max_tokens=1`;
   the choice's log-likelihood is the sum of the prompt log-probs over its tokens. Prefix
   caching computes the prompt shared by the five choices (and the description) once.
-- Generation: greedy (`temperature=0`), stopped at a newline, capped per item. Like the
-  community harness, the end-of-text token neither stops it nor is hidden from the answer.
+- Generation: greedy (`temperature=0`), stopped at a token that holds a newline, capped per
+  item, decoded from the token ids as the transformers scorer does. Like the community
+  harness, the end-of-text token neither stops it nor is hidden from the answer.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from jobs.evaluate.hf_scorer import ChoiceRequest, GenRequest
+from jobs.evaluate.hf_scorer import ChoiceRequest, GenRequest, newline_token_ids
 
 
 def available() -> bool:
@@ -26,10 +27,19 @@ def available() -> bool:
 class VLLMScorer:
     engine = "vllm"
 
-    def __init__(self, model_dir: Path, dtype: str = "auto", max_model_len: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        memory_fraction: float | None = None,
+    ) -> None:
+        """`memory_fraction`: of the GPU (or, on vLLM's CPU backend, of host memory) to reserve."""
         from vllm import LLM
 
-        kwargs = {"max_model_len": max_model_len} if max_model_len else {}
+        kwargs: dict = {"max_model_len": max_model_len} if max_model_len else {}
+        if memory_fraction:
+            kwargs["gpu_memory_utilization"] = memory_fraction
         self.llm = LLM(model=str(model_dir), dtype=dtype, enable_prefix_caching=True, seed=0, **kwargs)
         self.tok = self.llm.get_tokenizer()
         config = self.llm.llm_engine.model_config
@@ -60,12 +70,13 @@ class VLLMScorer:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        stops = sorted(newline_token_ids(self.tok))
         params = [
-            SamplingParams(temperature=0, max_tokens=cap, stop=["\n"], ignore_eos=True, skip_special_tokens=False)
+            SamplingParams(temperature=0, max_tokens=cap, stop_token_ids=stops, ignore_eos=True, detokenize=False)
             for _, cap in requests
         ]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in requests], params, use_tqdm=False)
-        return [o.outputs[0].text for o in outs]
+        return [self.tok.decode(list(o.outputs[0].token_ids)) for o in outs]
 
     def sum_nll(self, windows: Sequence[Sequence[int]]) -> float:
         from vllm import SamplingParams
