@@ -12,7 +12,7 @@ import pytest
 from jobs.evaluate import vllm_scorer
 from jobs.evaluate.files import load_jcommonsenseqa, load_jsquad
 from jobs.evaluate.harness import plan, template
-from tests.serving_factory import make_tokenizer
+from tests.serving_factory import make_model_dir
 
 pytestmark = pytest.mark.skipif(not vllm_scorer.available(), reason="vllm is not installed")
 DATA = Path(__file__).resolve().parent.parent / "unit" / "data" / "jglue"
@@ -20,26 +20,8 @@ DATA = Path(__file__).resolve().parent.parent / "unit" / "data" / "jglue"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("vllm-model")
-    tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(make_tokenizer(root / "tok.json")), eos_token="<|endoftext|>", pad_token="<pad>"
-    )
-    tok.save_pretrained(root)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-    )
-    LlamaForCausalLM(config).save_pretrained(root)
-    return root
+    dims = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=2)
+    return make_model_dir(tmp_path_factory.mktemp("vllm-model"), max_position_embeddings=2048, **dims)
 
 
 def test_vllm_scores_like_transformers(model_dir):

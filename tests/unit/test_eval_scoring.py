@@ -10,7 +10,7 @@ import pytest
 from jobs.evaluate.files import load_jcommonsenseqa, load_jsquad
 from jobs.evaluate.harness import plan, template
 from jobs.evaluate.hf_scorer import batches, common_prefix
-from tests.serving_factory import make_tokenizer, tiny_config
+from tests.serving_factory import make_model_dir
 
 DATA = Path(__file__).parent / "data" / "jglue"
 
@@ -18,21 +18,11 @@ DATA = Path(__file__).parent / "data" / "jglue"
 @pytest.fixture(scope="module")
 def scorer(tmp_path_factory):
     import torch
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     from jobs.evaluate.hf_scorer import HFScorer
 
-    root = tmp_path_factory.mktemp("model")
-    tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(make_tokenizer(root / "tok.json")), eos_token="<|endoftext|>", pad_token="<pad>"
-    )
-    tok.save_pretrained(root)
-    torch.manual_seed(0)
-    config = tiny_config(len(tok))
-    config.max_position_embeddings = 4096
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(root)
-    s = HFScorer(root, "cpu", batch_tokens=3000)
-    yield s
+    root = make_model_dir(tmp_path_factory.mktemp("model"), torch.bfloat16, max_position_embeddings=4096)
+    return HFScorer(root, "cpu", batch_tokens=3000)
 
 
 def reference_logprobs(scorer, ctx, cont):
