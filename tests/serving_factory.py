@@ -85,6 +85,25 @@ def tiny_config(vocab_size: int, num_heads: int = 1):
     )
 
 
+def make_model_dir(root: Path, dtype=None, **config) -> Path:
+    """A Hugging Face model directory: the test tokenizer and a random tiny Llama (`config` overrides)."""
+    import torch
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(make_tokenizer(root / "tok.json")), eos_token="<|endoftext|>", pad_token="<pad>"
+    )
+    tok.save_pretrained(root)
+    torch.manual_seed(0)
+    cfg = tiny_config(len(tok))
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    model = LlamaForCausalLM(cfg)
+    (model.to(dtype) if dtype is not None else model).save_pretrained(root)
+    return root
+
+
 def commit_checkpoint(ckpt_root: Path, step: int, vocab_size: int, seed: int = 0, num_heads: int = 1) -> Path:
     import torch
     from safetensors.torch import save_file

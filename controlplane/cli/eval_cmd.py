@@ -6,6 +6,7 @@ jobs/); this command records the JSON it writes.
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,10 @@ import typer
 from typer.core import TyperGroup
 
 from controlplane.cli.common import ClusterOpt, JsonOpt, emit_json, out
+from controlplane.spec.rollout import DEFAULT_PROMPT_VERSION
+
+PromptVersionOpt = Enum("PromptVersionOpt", {"v0_2": "0.2", "v0_3": "0.3"}, type=str)
+EngineOpt = Enum("EngineOpt", {name: name for name in ("auto", "transformers", "vllm")}, type=str)
 
 
 class _OneCommandGroup(TyperGroup):
@@ -35,16 +40,32 @@ def evaluate(
         str | None, typer.Option("--tasks", help="Comma-separated: heldout,jcommonsenseqa,jsquad (default: all).")
     ] = None,
     jcommonsenseqa: Annotated[
-        Path | None, typer.Option("--jcommonsenseqa", help="JCommonsenseQA file (default: bundled sample).")
+        Path | None,
+        typer.Option("--jcommonsenseqa", help="JCommonsenseQA file scored, JGLUE valid-v1.1.json (default: sample)."),
     ] = None,
     jcommonsenseqa_train: Annotated[
-        Path | None, typer.Option("--jcommonsenseqa-train", help="File the shots come from.")
+        Path | None,
+        typer.Option("--jcommonsenseqa-train", help="JGLUE train-v1.1.json the examples are drawn from."),
     ] = None,
-    jsquad: Annotated[Path | None, typer.Option("--jsquad", help="JSQuAD file (default: bundled sample).")] = None,
-    jsquad_train: Annotated[Path | None, typer.Option("--jsquad-train", help="File the shots come from.")] = None,
-    k_jcqa: Annotated[int, typer.Option("--jcommonsenseqa-k", min=0, help="JCommonsenseQA shots.")] = 3,
-    k_jsquad: Annotated[int, typer.Option("--jsquad-k", min=0, help="JSQuAD shots.")] = 2,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate the first N items only.")] = None,
+    jsquad: Annotated[
+        Path | None, typer.Option("--jsquad", help="JSQuAD file scored, JGLUE valid-v1.1.json (default: sample).")
+    ] = None,
+    jsquad_train: Annotated[
+        Path | None, typer.Option("--jsquad-train", help="JGLUE train-v1.1.json the examples are drawn from.")
+    ] = None,
+    k_jcqa: Annotated[int, typer.Option("--jcommonsenseqa-k", min=0, max=16, help="JCommonsenseQA shots.")] = 3,
+    k_jsquad: Annotated[int, typer.Option("--jsquad-k", min=0, max=16, help="JSQuAD shots.")] = 2,
+    prompt_version: Annotated[
+        PromptVersionOpt, typer.Option("--prompt-version", help="Harness prompt version (jsquad-1.1-V, ...).")
+    ] = PromptVersionOpt(DEFAULT_PROMPT_VERSION),
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the shuffle and the example draw.")] = 42,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Evaluate N questions (the first N after the seeded shuffle).")
+    ] = None,
+    engine: Annotated[
+        EngineOpt, typer.Option("--engine", help="auto: vLLM when it and a GPU are present, else transformers.")
+    ] = EngineOpt.auto,
+    timeout: Annotated[float, typer.Option("--timeout", min=1, help="Seconds the evaluation job may take.")] = 7200.0,
     cluster: ClusterOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -62,12 +83,27 @@ def evaluate(
         jsquad=str(jsquad) if jsquad else None,
         jsquad_train=str(jsquad_train) if jsquad_train else None,
         jsquad_k=k_jsquad,
+        prompt_version=prompt_version.value,
+        seed=seed,
         limit=limit,
+        engine=engine.value,
+        timeout_s=timeout,
     )
     row = run_eval(ctx, model, run, req)
     if json_:
         emit_json({k: v for k, v in row.items() if k != "detail"})
         return
+    detail = row.get("detail") or {}
     out.print(f"evaluation {row['id']} of {row['model_dir']}")
+    out.print(f"  engine {detail.get('engine')}, dtype {detail.get('dtype')}, context {detail.get('max_len')} tokens")
+    for task in ("jcommonsenseqa", "jsquad"):
+        if d := detail.get(task):
+            train = f"train {d['train_size']}" if d.get("train_size") is not None else "no train split"
+            out.print(
+                f"  {d['task_version']}: {d['k']}-shot, seed {d['seed']}, valid {d['valid_size']}, {train}, "
+                f"scored {row['scores'].get(task + '_n')}"
+            )
+    for note in detail.get("notes", []):
+        out.print(f"  note: {note}")
     for key, value in row["scores"].items():
-        out.print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
+        out.print(f"  {key:28s} {value:.2f}" if isinstance(value, float) else f"  {key:28s} {value}")

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from controlplane.rollout import store
 from controlplane.rollout.analysis import Action, Decision, Thresholds, Window, analyze, gate, required_tasks
 from controlplane.rollout.backend import DeployError, ServingBackend
 from controlplane.rollout.engine_check import check_model_dir
-from controlplane.rollout.evaluation import EvalRequest, evaluate
+from controlplane.rollout.evaluation import EvalRequest, evaluate, same_setup
 from controlplane.rollout.export import resolve_model
 from controlplane.spec import RolloutSpec
 
@@ -163,20 +162,12 @@ class RolloutController:
             "jcommonsenseqa": "jcommonsenseqa_accuracy",
             "jsquad": "jsquad_exact_match",
         }
-        e = spec.eval
+        req = EvalRequest.of(spec.eval, tasks)
         for row in store.evaluations(self.ledger, str(exported.model_dir), limit=20):
-            if all(needed[t] in (row.get("scores") or {}) for t in tasks) and _same_setup(
-                row.get("detail") or {}, e, tasks
+            if all(needed[t] in (row.get("scores") or {}) for t in tasks) and same_setup(
+                row.get("detail") or {}, req, tasks
             ):
                 return row
-        req = EvalRequest(
-            tasks=tasks,
-            jcommonsenseqa=e.jcommonsenseqa,
-            jsquad=e.jsquad,
-            jcommonsenseqa_k=e.jcommonsenseqa_k,
-            jsquad_k=e.jsquad_k,
-            limit=e.limit,
-        )
         return evaluate(self.ctx, str(exported.model_dir), exported.run_id or None, req)
 
     def _end(self, rid: str, state: str, d: Decision, step: int | None = None, pct: int | None = None) -> None:
@@ -208,20 +199,3 @@ class RolloutController:
             store.record_decision(self.ledger, rid, str(Action.ROLLBACK), reason)
         except Exception:  # the backend itself is down: the ledger row still says what happened
             pass
-
-
-def _same_setup(detail: dict[str, Any], e: Any, tasks: list[str]) -> bool:
-    """Whether a recorded evaluation used the files, shots and limit this gate asks for."""
-    if detail.get("limit") != e.limit:
-        return False
-    for task, path, k in (("jcommonsenseqa", e.jcommonsenseqa, e.jcommonsenseqa_k), ("jsquad", e.jsquad, e.jsquad_k)):
-        if task not in tasks:
-            continue
-        d = detail.get(task) or {}
-        if d.get("k") != k:
-            return False
-        if path is not None and d.get("file") != str(Path(path).expanduser().resolve()):
-            return False
-        if path is None and Path(d.get("file", "")).parent.name != "samples":  # the bundled sample
-            return False
-    return True

@@ -20,8 +20,12 @@ from controlplane.errors import ConfigurationError, RetryableError, UserError
 from controlplane.rollout import store
 from controlplane.rollout.export import dataset_dir_of, resolve_model
 from controlplane.rundir import RunDir
+from controlplane.spec.rollout import DEFAULT_PROMPT_VERSION, EvalFiles
 
 TASKS = ("heldout", "jcommonsenseqa", "jsquad")
+
+
+TASK_FILES = ("jcommonsenseqa", "jcommonsenseqa_train", "jsquad", "jsquad_train")
 
 
 @dataclass
@@ -33,9 +37,42 @@ class EvalRequest:
     jsquad: str | None = None
     jsquad_train: str | None = None
     jsquad_k: int = 2
+    prompt_version: str = DEFAULT_PROMPT_VERSION
+    seed: int = 42
     limit: int | None = None
-    timeout_s: float = 1800.0
+    engine: str = "auto"
+    timeout_s: float = 7200.0
     extra_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, e: EvalFiles, tasks: list[str] | None = None) -> EvalRequest:
+        """The request a rollout's gate makes from its spec's `eval` section."""
+        fields = ("jcommonsenseqa_k", "jsquad_k", "prompt_version", "seed", "limit", "engine", "timeout_s")
+        return cls(tasks=tasks, **{f: getattr(e, f) for f in (*TASK_FILES, *fields)})
+
+
+def absolute(path: str | None) -> str | None:
+    """A task file as recorded: absolute, `~` expanded (the gate compares these)."""
+    return str(Path(path).expanduser().resolve()) if path else None
+
+
+def same_setup(detail: dict[str, Any], req: EvalRequest, tasks: list[str]) -> bool:
+    """Whether a recorded evaluation used the files, shots, prompts, seed and limit asked for."""
+    if detail.get("limit") != req.limit:
+        return False
+    for task in ("jcommonsenseqa", "jsquad"):
+        if task not in tasks:
+            continue
+        d = detail.get(task) or {}
+        asked = (getattr(req, f"{task}_k"), req.prompt_version, req.seed, absolute(getattr(req, f"{task}_train")))
+        if (d.get("k"), d.get("prompt_version"), d.get("seed"), d.get("train")) != asked:
+            return False
+        path = absolute(getattr(req, task))
+        if path is not None and d.get("file") != path:
+            return False
+        if path is None and Path(d.get("file", "")).parent.name != "samples":  # the bundled sample
+            return False
+    return True
 
 
 def project_root() -> Path:
@@ -71,13 +108,14 @@ def evaluate(ctx: Any, model_ref: str, run_ref: str | None = None, req: EvalRequ
         argv += ["--dataset-dir", str(dataset_dir)]
     if req.tasks:
         argv += ["--tasks", ",".join(req.tasks)]
-    for flag in ("jcommonsenseqa", "jcommonsenseqa_train", "jsquad", "jsquad_train"):
-        if getattr(req, flag):
-            path = Path(getattr(req, flag)).expanduser()
-            if not path.is_file():
+    for flag in TASK_FILES:
+        path = absolute(getattr(req, flag))
+        if path:
+            if not Path(path).is_file():
                 raise ConfigurationError(f"--{flag.replace('_', '-')}: {path}: no such file")
-            argv += [f"--{flag.replace('_', '-')}", str(path)]
+            argv += [f"--{flag.replace('_', '-')}", path]
     argv += ["--jcommonsenseqa-k", str(req.jcommonsenseqa_k), "--jsquad-k", str(req.jsquad_k)]
+    argv += ["--prompt-version", req.prompt_version, "--seed", str(req.seed), "--engine", req.engine]
     if req.limit:
         argv += ["--limit", str(req.limit)]
     with tempfile.TemporaryDirectory(prefix="llmctl-eval-") as tmp:
@@ -91,15 +129,18 @@ def evaluate(ctx: Any, model_ref: str, run_ref: str | None = None, req: EvalRequ
                 timeout=req.timeout_s,
             )
         except subprocess.TimeoutExpired:
-            raise RetryableError(f"evaluation of {exported.model_dir} timed out after {req.timeout_s:.0f}s") from None
+            raise RetryableError(
+                f"evaluation of {exported.model_dir} timed out after {req.timeout_s:.0f}s "
+                "(raise --timeout, or eval.timeout_s in the rollout spec)"
+            ) from None
         if proc.returncode == 2:
-            raise UserError(
-                proc.stderr.strip().splitlines()[-1].removeprefix("error: ") if proc.stderr else "bad input"
-            )
+            errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+            raise UserError(errors[-1].removeprefix("error: ") if errors else "bad input")
         if proc.returncode != 0 or not out.is_file():
             tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
             raise RetryableError(f"evaluation job failed (exit {proc.returncode}): {tail}")
         result = json.loads(out.read_text(encoding="utf-8"))
+    detail = {**(result.get("detail") or {}), "notes": result.get("notes", [])}
     eval_id = store.record_evaluation(
         ctx.ledger,
         str(exported.model_dir),
@@ -107,6 +148,6 @@ def evaluate(ctx: Any, model_ref: str, run_ref: str | None = None, req: EvalRequ
         result["tasks"],
         run_id=run_id,
         step=exported.step if exported.run_id else None,
-        detail=result.get("detail"),
+        detail=detail,
     )
     return store.get_evaluation(ctx.ledger, eval_id)

@@ -4,27 +4,65 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from controlplane.spec.base import NAME_PATTERN, PositiveInt, StrictModel
 
 # --------------------------------------------------------------------------- rollout
 
 
+# The community harness's JGLUE prompt versions (lm-evaluation-harness, jp-stable branch).
+PromptVersion = Literal["0.2", "0.3"]
+DEFAULT_PROMPT_VERSION = "0.3"
+
+
+def _percent(value: float | None) -> float | None:
+    if value is not None and 0 < value <= 1:
+        raise ValueError(f"scores are 0-100 like the community harness; {value} reads as {value}%, write e.g. 80")
+    return value
+
+
 class EvalMinimums(StrictModel):
-    jcommonsenseqa_accuracy: float | None = Field(None, ge=0, le=1, description="Minimum JCommonsenseQA accuracy.")
-    jsquad_exact_match: float | None = Field(None, ge=0, le=1, description="Minimum JSQuAD exact match.")
+    jcommonsenseqa_accuracy: float | None = Field(
+        None, ge=0, le=100, description="Minimum JCommonsenseQA accuracy, 0-100 (the harness's acc x 100)."
+    )
+    jsquad_exact_match: float | None = Field(None, ge=0, le=100, description="Minimum JSQuAD exact match, 0-100.")
     max_heldout_perplexity: float | None = Field(None, gt=0, description="Maximum held-out perplexity.")
+
+    @field_validator("jcommonsenseqa_accuracy", "jsquad_exact_match")
+    @classmethod
+    def _scale(cls, value: float | None) -> float | None:
+        return _percent(value)
 
 
 class EvalFiles(StrictModel):
     jcommonsenseqa: str | None = Field(
-        None, description="JCommonsenseQA file (JGLUE JSON lines); null for the bundled sample."
+        None, description="JCommonsenseQA file scored (JGLUE valid-v1.1.json); null for the bundled sample."
     )
-    jsquad: str | None = Field(None, description="JSQuAD file (JGLUE SQuAD-style JSON); null for the bundled sample.")
+    jcommonsenseqa_train: str | None = Field(
+        None,
+        description="JCommonsenseQA train split the examples are drawn from (JGLUE train-v1.1.json); "
+        "null draws them from the scored file itself.",
+    )
+    jsquad: str | None = Field(
+        None, description="JSQuAD file scored (JGLUE valid-v1.1.json); null for the bundled sample."
+    )
+    jsquad_train: str | None = Field(
+        None, description="JSQuAD train split the examples are drawn from; null draws them from the scored file."
+    )
     jcommonsenseqa_k: int = Field(3, ge=0, le=16, description="JCommonsenseQA shots.")
     jsquad_k: int = Field(2, ge=0, le=16, description="JSQuAD shots.")
-    limit: PositiveInt | None = Field(None, description="Evaluate only the first N items of each task.")
+    prompt_version: PromptVersion = Field(
+        DEFAULT_PROMPT_VERSION, description="Harness prompt version (jcommonsenseqa-1.1-V, jsquad-1.1-V)."
+    )
+    seed: int = Field(42, ge=0, description="Seed of the question shuffle and the per-question example draw.")
+    limit: PositiveInt | None = Field(
+        None, description="Evaluate only N questions of each task (the first N after the seeded shuffle)."
+    )
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="'auto': vLLM when it and a GPU are present, transformers otherwise."
+    )
+    timeout_s: float = Field(7200.0, gt=0, description="Seconds the evaluation job may take.")
 
 
 class DrillSpec(StrictModel):

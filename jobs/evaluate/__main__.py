@@ -1,11 +1,13 @@
 """`python -m jobs.evaluate`: evaluate a model directory and write JSON results.
 
     python -m jobs.evaluate --model DIR [--dataset-dir D] [--tasks heldout,jcommonsenseqa,jsquad]
-        [--jcommonsenseqa FILE] [--jcommonsenseqa-train FILE] [--jcommonsenseqa-k 3]
-        [--jsquad FILE] [--jsquad-train FILE] [--jsquad-k 2] [--limit N] [--out results.json]
+        [--jcommonsenseqa VALID] [--jcommonsenseqa-train TRAIN] [--jcommonsenseqa-k 3]
+        [--jsquad VALID] [--jsquad-train TRAIN] [--jsquad-k 2] [--prompt-version 0.3]
+        [--seed 42] [--limit N] [--engine auto|transformers|vllm] [--dtype auto] [--out results.json]
 
-Prints (or writes to --out) {"scores": {...}, "tasks": [...], "detail": {...}}. Exit 2 on bad
-input with one line on stderr. The bundled sample files are used when no file is given.
+Prints (or writes to --out) {"scores": {...}, "tasks": [...], "detail": {...}, "notes": [...]}.
+Exit 2 on bad input with one line on stderr. The bundled sample files are used when no file
+is given; without a train file the examples come from the scored file (a note says so).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.evaluate.tasks import SAMPLES, TaskDataError
+from jobs.evaluate.files import SAMPLES, TaskDataError, load_jcommonsenseqa, load_jsquad
+from jobs.evaluate.harness import DEFAULT_PROMPT_VERSION, PROMPT_VERSIONS, SEED
 
 TASKS = ("heldout", "jcommonsenseqa", "jsquad")
+LOADERS = {"jcommonsenseqa": load_jcommonsenseqa, "jsquad": load_jsquad}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,14 +37,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jsquad", type=Path, default=SAMPLES / "jsquad.json")
     p.add_argument("--jsquad-train", type=Path, default=None)
     p.add_argument("--jsquad-k", type=int, default=2)
+    p.add_argument("--prompt-version", choices=PROMPT_VERSIONS, default=DEFAULT_PROMPT_VERSION)
+    p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--heldout-max-tokens", type=int, default=65536)
+    p.add_argument("--engine", choices=("auto", "transformers", "vllm"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    p.add_argument("--batch-tokens", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict:
+def _tasks(args: argparse.Namespace) -> list[str]:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
     unknown = set(tasks) - set(TASKS)
     if unknown:
@@ -49,43 +58,86 @@ def run(args: argparse.Namespace) -> dict:
         if args.tasks:
             raise TaskDataError("--tasks heldout needs --dataset-dir (the run's prepared dataset)")
         tasks.remove("heldout")
-    if not (args.model / "config.json").is_file():
-        raise TaskDataError(f"{args.model}: not a model directory (no config.json)")
-    for t, path in (("jcommonsenseqa", args.jcommonsenseqa), ("jsquad", args.jsquad)):
-        if t in tasks and not path.is_file():
-            raise TaskDataError(f"{path}: no such {t} file")
+    return tasks
 
+
+def load_inputs(args: argparse.Namespace, tasks: list[str]) -> dict[str, tuple[Path, list, Path | None, list | None]]:
+    """Every task file read and checked before the model loads: (valid path, items, train path, items)."""
+    out = {}
+    for task in ("jcommonsenseqa", "jsquad"):
+        if task not in tasks:
+            continue
+        valid, train = getattr(args, task), getattr(args, f"{task}_train")
+        for path in (valid, train):
+            if path is not None and not path.is_file():
+                raise TaskDataError(f"{path}: no such {task} file")
+        load = LOADERS[task]
+        out[task] = (valid.resolve(), load(valid), train.resolve() if train else None, load(train) if train else None)
+    return out
+
+
+def make_scorer(args: argparse.Namespace):
     import torch
+
+    from jobs.evaluate import vllm_scorer
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    from jobs.evaluate.tasks import Scorer, eval_heldout, eval_jcommonsenseqa, eval_jsquad
+    engine = args.engine
+    if engine == "auto":
+        engine = "vllm" if device.startswith("cuda") and vllm_scorer.available() else "transformers"
+    if engine == "vllm":
+        if not vllm_scorer.available():
+            raise TaskDataError("--engine vllm: vllm is not installed (pip install vllm)")
+        return vllm_scorer.VLLMScorer(args.model, dtype=args.dtype), device
+    from jobs.evaluate.hf_scorer import HFScorer
+
+    return HFScorer(args.model, device, dtype=args.dtype, batch_tokens=args.batch_tokens), device
+
+
+def run(args: argparse.Namespace) -> dict:
+    tasks = _tasks(args)
+    if not (args.model / "config.json").is_file():
+        raise TaskDataError(f"{args.model}: not a model directory (no config.json)")
+    inputs = load_inputs(args, tasks)
+    from jobs.evaluate.tasks import eval_heldout, eval_jcommonsenseqa, eval_jsquad, setup
 
     t0 = time.monotonic()
-    scorer = Scorer(args.model, device)
+    scorer, device = make_scorer(args)
     scores: dict = {}
-    detail: dict = {"device": device, "seconds": {}, "limit": args.limit}
+    notes: list[str] = []
+    detail: dict = {
+        "device": device,
+        "engine": scorer.engine,
+        "dtype": scorer.dtype,
+        "max_len": scorer.max_len,
+        "prompt_version": args.prompt_version,
+        "seed": args.seed,
+        "limit": args.limit,
+        "seconds": {},
+    }
+    runners = {"jcommonsenseqa": eval_jcommonsenseqa, "jsquad": eval_jsquad}
     for task in tasks:
         t = time.monotonic()
         if task == "heldout":
             scores.update(eval_heldout(scorer, args.dataset_dir, args.heldout_max_tokens))
-        elif task == "jcommonsenseqa":
-            s, preds = eval_jcommonsenseqa(
-                scorer, args.jcommonsenseqa, args.jcommonsenseqa_k, args.jcommonsenseqa_train, args.limit
-            )
+        else:
+            valid, items, train, train_items = inputs[task]
+            k = getattr(args, f"{task}_k")
+            s, preds = runners[task](scorer, items, train_items, k, args.prompt_version, args.limit, args.seed)
             scores.update(s)
-            detail["jcommonsenseqa"] = {
-                "file": str(args.jcommonsenseqa),
-                "k": args.jcommonsenseqa_k,
-                "predictions": preds,
-            }
-        elif task == "jsquad":
-            s, preds = eval_jsquad(scorer, args.jsquad, args.jsquad_k, args.jsquad_train, args.limit)
-            scores.update(s)
-            detail["jsquad"] = {"file": str(args.jsquad.resolve()), "k": args.jsquad_k, "predictions": preds}
+            info = setup(task, items, train_items, k, args.prompt_version, args.limit, args.seed)
+            detail[task] = {**info, "file": str(valid), "train": str(train) if train else None, "predictions": preds}
+            if train is None and k:
+                notes.append(f"{task}: no train file; examples drawn from {valid} itself (never the question scored)")
+            if s[f"{task}_truncated"]:
+                notes.append(
+                    f"{task}: {s[f'{task}_truncated']} of {s[f'{task}_n']} prompts longer than the model's "
+                    f"{scorer.max_len}-token context, cut from the left"
+                )
         detail["seconds"][task] = round(time.monotonic() - t, 3)
     detail["seconds"]["total"] = round(time.monotonic() - t0, 3)
-    return {"model": str(args.model), "tasks": tasks, "scores": scores, "detail": detail}
+    return {"model": str(args.model.resolve()), "tasks": tasks, "scores": scores, "detail": detail, "notes": notes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     except (TaskDataError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for note in result["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     text = json.dumps(result, ensure_ascii=False, indent=1)
     if args.out:
         tmp = args.out.with_name(args.out.name + ".tmp")

@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -28,6 +29,7 @@ from tests.serving_factory import make_run
 
 pytestmark = pytest.mark.integration
 RUN = "canary"
+JGLUE = Path(__file__).resolve().parent.parent / "unit" / "data" / "jglue"  # official JGLUE layouts
 
 
 @pytest.fixture(scope="module")
@@ -220,13 +222,24 @@ def test_sixteen_concurrent_clients_share_the_engines_batches(cluster):
     assert wall < 8 * single, f"16 concurrent took {wall:.2f}s, one alone {single:.2f}s"
 
 
-def test_candidate_below_minimums_never_serves(cluster):
+def test_candidate_below_minimums_never_serves(cluster, monkeypatch):
+    """The gate scores official-layout files (relative paths, train splits); a second rollout
+    of the same candidate with the same setup reuses that evaluation instead of running it again."""
     ctx, backend, base, url = cluster
     stable = stable_of(ctx)
+    monkeypatch.chdir(JGLUE)
+    files = EvalFiles(
+        jcommonsenseqa="jcommonsenseqa-valid.json",
+        jcommonsenseqa_train="./jcommonsenseqa-train.json",
+        jsquad="jsquad-valid.json",
+        jsquad_train="jsquad-train.json",
+        prompt_version="0.2",
+        limit=5,
+    )
     spec = RolloutSpec(
         model=f"{RUN}@20",
-        min_eval=EvalMinimums(jcommonsenseqa_accuracy=0.99),
-        eval=EvalFiles(limit=5),
+        min_eval=EvalMinimums(jcommonsenseqa_accuracy=99.0, jsquad_exact_match=50.0),
+        eval=files,
         **base,
     )
     with Traffic(url, threads=2) as traffic:
@@ -238,6 +251,14 @@ def test_candidate_below_minimums_never_serves(cluster):
     assert backend.window(spec, "canary-s20", 0)["requests"] == 0
     assert {r.version for r in traffic.results} == {stable}
     assert all(r.code == 200 for r in traffic.results)
+    ev = store.get_evaluation(ctx.ledger, row["evaluation_id"])
+    d = ev["detail"]
+    assert d["jcommonsenseqa"]["train"] == str(JGLUE / "jcommonsenseqa-train.json")
+    assert d["jsquad"]["file"] == str(JGLUE / "jsquad-valid.json")
+    assert d["jcommonsenseqa"]["task_version"] == "jcommonsenseqa-1.1-0.2" and d["jsquad"]["train_size"] == 6
+    assert ev["scores"]["jcommonsenseqa_n"] == 5 and 0 <= ev["scores"]["jsquad_exact_match"] <= 100
+    again = RolloutController(ctx, backend).start(spec)
+    assert again["state"] == store.REJECTED and again["evaluation_id"] == row["evaluation_id"]
     assert [d["action"] for d in store.decisions(ctx.ledger, row["rollout_id"])] == ["reject"]
 
 

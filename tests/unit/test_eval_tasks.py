@@ -1,20 +1,15 @@
-"""JGLUE-format loaders, prompts and scoring rules (no model needed)."""
+"""JGLUE-format loaders: the bundled samples, the official layouts, bad files."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from jobs.evaluate.tasks import (
-    SAMPLES,
-    TaskDataError,
-    jcqa_fewshot,
-    load_jcommonsenseqa,
-    load_jsquad,
-    normalize_answer,
-    shots_for,
-)
+from jobs.evaluate.files import SAMPLES, TaskDataError, load_jcommonsenseqa, load_jsquad
+
+DATA = Path(__file__).parent / "data" / "jglue"
 
 
 def test_bundled_samples_have_the_jglue_layout():
@@ -30,17 +25,17 @@ def test_bundled_samples_have_the_jglue_layout():
     assert len(sq) >= 6
 
 
-def test_shots_never_include_the_item_and_prompt_shape():
-    jc = load_jcommonsenseqa(SAMPLES / "jcommonsenseqa.jsonl")
-    shots = shots_for(jc, jc[0], 3)
-    assert len(shots) == 3 and jc[0] not in shots
-    prompt = jcqa_fewshot(shots, jc[0])
-    assert prompt.count("質問：") == 4 and prompt.endswith("回答：")
-
-
-def test_normalize_answer():
-    assert normalize_answer("３７７６メートル ") == "3776メートル"
-    assert normalize_answer("月曜日。") == "月曜日"
+def test_official_items_keep_title_and_every_gold_answer():
+    sq = load_jsquad(DATA / "jsquad-valid.json")
+    first = sq[0]
+    assert (first.qid, first.title) == ("a10336p0q0", "梅雨")
+    assert first.context.startswith("梅雨 [SEP] ") and first.answers == [
+        "小笠原諸島",
+        "小笠原諸島を除く日本",
+        "小笠原諸島",
+    ]
+    jc = load_jcommonsenseqa(DATA / "jcommonsenseqa-valid.json")
+    assert (jc[0].qid, jc[0].label, jc[0].choices[2]) == ("8939", 2, "マザーボード")
 
 
 def test_bad_files(tmp_path):
@@ -54,3 +49,8 @@ def test_bad_files(tmp_path):
     q.write_text('{"data": [{"paragraphs": [{"context": "c"}]}]}')
     with pytest.raises(TaskDataError, match="not a JSQuAD file"):
         load_jsquad(q)
+    # The two official files swapped: each names the file and what it is not.
+    with pytest.raises(TaskDataError, match="jsquad-valid.json:1: not a JCommonsenseQA line"):
+        load_jcommonsenseqa(DATA / "jsquad-valid.json")
+    with pytest.raises(TaskDataError, match="jcommonsenseqa-valid.json: not a JSQuAD file"):
+        load_jsquad(DATA / "jcommonsenseqa-valid.json")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from controlplane.rollout.analysis import Action, Thresholds, Window, analyze, gate, required_tasks
 
 TH = Thresholds(max_error_rate=0.02, max_p99_latency_s=1.0, max_latency_ratio=1.5, min_requests=50, window_s=30)
@@ -47,24 +49,49 @@ def test_insufficient_traffic_waits_then_rolls_back():
 
 
 def test_gate():
-    mins = {"jcommonsenseqa_accuracy": 0.5, "jsquad_exact_match": None, "max_heldout_perplexity": 100.0}
+    # Scores are 0-100, like the community harness (and NEC's 82.3 / 82.1).
+    mins = {"jcommonsenseqa_accuracy": 50.0, "jsquad_exact_match": None, "max_heldout_perplexity": 100.0}
     assert required_tasks(mins) == ["heldout", "jcommonsenseqa"]
-    ok = gate(mins, {"jcommonsenseqa_accuracy": 0.6, "heldout_perplexity": 50.0})
+    ok = gate(mins, {"jcommonsenseqa_accuracy": 60.0, "heldout_perplexity": 50.0})
     assert ok.passed and not ok.failures
-    bad = gate(mins, {"jcommonsenseqa_accuracy": 0.4, "heldout_perplexity": 150.0})
+    bad = gate(mins, {"jcommonsenseqa_accuracy": 40.0, "heldout_perplexity": 150.0})
     assert not bad.passed and len(bad.failures) == 2
-    missing = gate(mins, {"jcommonsenseqa_accuracy": 0.9})
+    missing = gate(mins, {"jcommonsenseqa_accuracy": 90.0})
     assert not missing.passed and missing.failures == ["heldout_perplexity not measured"]
     assert gate({"jcommonsenseqa_accuracy": None}, {}).passed
 
 
-def test_gate_reuses_an_evaluation_only_with_the_same_setup():
-    from controlplane.rollout.controller import _same_setup
+def test_minimums_on_the_old_0_1_scale_are_refused():
+    from pydantic import ValidationError
+
+    from controlplane.spec import EvalMinimums
+
+    assert EvalMinimums(jcommonsenseqa_accuracy=82.3).jcommonsenseqa_accuracy == 82.3
+    with pytest.raises(ValidationError, match="0-100"):
+        EvalMinimums(jsquad_exact_match=0.8)
+
+
+def test_gate_reuses_an_evaluation_only_with_the_same_setup(tmp_path, monkeypatch):
+    from controlplane.rollout.evaluation import EvalRequest, same_setup
     from controlplane.spec import EvalFiles
 
-    detail = {"limit": None, "jcommonsenseqa": {"file": "/x/jobs/evaluate/samples/jcommonsenseqa.jsonl", "k": 3}}
-    assert _same_setup(detail, EvalFiles(), ["jcommonsenseqa"])
-    assert not _same_setup(detail, EvalFiles(jcommonsenseqa_k=0), ["jcommonsenseqa"])
-    assert not _same_setup(detail, EvalFiles(limit=5), ["jcommonsenseqa"])
-    assert not _same_setup(detail, EvalFiles(jcommonsenseqa="/data/jglue/valid-v1.1.json"), ["jcommonsenseqa"])
-    assert _same_setup({"limit": None}, EvalFiles(), ["heldout"])
+    def req(**kw):
+        return EvalRequest.of(EvalFiles(**kw))
+
+    sample = {"file": "/x/jobs/evaluate/samples/jcommonsenseqa.jsonl", "k": 3, "prompt_version": "0.3", "seed": 42}
+    detail = {"limit": None, "jcommonsenseqa": {**sample, "train": None}}
+    assert same_setup(detail, req(), ["jcommonsenseqa"])
+    assert not same_setup(detail, req(jcommonsenseqa_k=0), ["jcommonsenseqa"])
+    assert not same_setup(detail, req(limit=5), ["jcommonsenseqa"])
+    assert not same_setup(detail, req(prompt_version="0.2"), ["jcommonsenseqa"])
+    assert not same_setup(detail, req(seed=1), ["jcommonsenseqa"])
+    assert not same_setup(detail, req(jcommonsenseqa="/data/jglue/valid-v1.1.json"), ["jcommonsenseqa"])
+    assert not same_setup(detail, req(jcommonsenseqa_train="/data/jglue/train-v1.1.json"), ["jcommonsenseqa"])
+    assert same_setup({"limit": None}, req(), ["heldout"])
+    assert not same_setup({"limit": None, "jcommonsenseqa": {"k": 3}}, req(), ["jcommonsenseqa"])  # an older record
+    # Relative paths in a spec match the absolute paths an evaluation records.
+    monkeypatch.chdir(tmp_path)
+    valid, train = tmp_path / "valid-v1.1.json", tmp_path / "train-v1.1.json"
+    recorded = {"limit": None, "jcommonsenseqa": {**sample, "file": str(valid), "train": str(train)}}
+    asked = req(jcommonsenseqa="valid-v1.1.json", jcommonsenseqa_train="./train-v1.1.json")
+    assert same_setup(recorded, asked, ["jcommonsenseqa"])

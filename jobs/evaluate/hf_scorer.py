@@ -1,0 +1,254 @@
+"""Scoring with a transformers causal LM: batched across questions, one pass for all choices.
+
+- Choices: each question is ONE packed row, `prompt + choice0 + ... + choice4`, with a tree
+  attention mask (a choice sees the prompt and its own earlier tokens, never another choice)
+  and position ids that restart after the prompt for every choice. The log-likelihood of a
+  choice is the same as over its own `prompt + choice` row (the unit tests hold them equal),
+  but the prompt is computed once instead of five times. Rows are sorted by length and
+  batched to a token budget; logits are taken only where a choice token is predicted.
+- The common token prefix of a batch (the task description, and the examples where they are
+  shared) is run once and its key/value cache reused by every row of the batch.
+- Generation: greedy. Each prompt is prefilled alone (the causal attention kernel, no padding
+  to compute), the caches are left-padded into one batch, and all rows decode together, each
+  stopped at a token that holds a newline or at its own token cap.
+- The model is loaded in its saved dtype (`dtype="auto"`), unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+
+ChoiceRequest = tuple[list[int], list[list[int]]]  # (prompt ids, ids of each choice)
+GenRequest = tuple[list[int], int]  # (prompt ids, max new tokens)
+
+
+def _dtype_kwargs(version: str, dtype: str) -> dict:
+    import torch
+
+    value = "auto" if dtype == "auto" else getattr(torch, dtype)
+    major, minor = (int(x) for x in version.split(".")[:2])
+    return {"dtype": value} if (major, minor) >= (4, 56) else {"torch_dtype": value}
+
+
+def newline_token_ids(tok) -> frozenset[int]:
+    """Every token of a tokenizer whose text holds a newline."""
+    texts = tok.batch_decode([[i] for i in range(len(tok))])
+    return frozenset(i for i, t in enumerate(texts) if "\n" in t)
+
+
+def batches(lengths: Sequence[int], budget: int, max_rows: int = 256) -> list[list[int]]:
+    """Indices sorted by length (longest first), cut into batches of at most `budget` padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < max_rows and lengths[out[-1][0]] * (len(out[-1]) + 1) <= budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    n = min(len(r) for r in rows)
+    first = rows[0]
+    for i in range(n):
+        if any(r[i] != first[i] for r in rows):
+            return i
+    return n
+
+
+class HFScorer:
+    engine = "transformers"
+
+    def __init__(
+        self, model_dir: Path, device: str = "cpu", dtype: str = "auto", batch_tokens: int | None = None
+    ) -> None:
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+        kwargs = _dtype_kwargs(transformers.__version__, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs).to(device).eval()
+        self.device = device
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
+        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        self.batch_tokens = batch_tokens or 16384  # tokens per batch: its key/value cache, or packed rows
+        self._newline_ids: frozenset[int] | None = None
+        params = inspect.signature(self.model.base_model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+
+    # ------------------------------------------------------------ tokens
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False).input_ids
+
+    def newline_ids(self) -> frozenset[int]:
+        """Every token whose text holds a newline: generation stops at the first one."""
+        if self._newline_ids is None:
+            self._newline_ids = newline_token_ids(self.tok)
+        return self._newline_ids
+
+    # ------------------------------------------------------------ choices
+
+    def choice_logprobs(self, requests: Sequence[ChoiceRequest]) -> list[list[float]]:
+        """Summed log-probability of each choice's tokens after its prompt."""
+        lengths = [len(p) + sum(len(c) for c in cs) for p, cs in requests]
+        out: list[list[float]] = [[] for _ in requests]
+        for batch in batches(lengths, self.batch_tokens):
+            for i, scores in zip(batch, self._choice_batch([requests[i] for i in batch]), strict=True):
+                out[i] = scores
+        return out
+
+    def _choice_batch(self, reqs: Sequence[ChoiceRequest]) -> list[list[float]]:
+        torch = self.torch
+        shared = common_prefix([p for p, _ in reqs])
+        shared = min(shared, min(len(p) for p, _ in reqs) - 1)  # each row keeps >= 1 prompt token
+        cache = self._prefix_cache(reqs[0][0][:shared], len(reqs)) if shared > 0 else None
+        width = max(len(p) - shared + sum(len(c) for c in cs) for p, cs in reqs)
+        neg = torch.finfo(self.model.dtype).min
+        ids = torch.zeros((len(reqs), width), dtype=torch.long)
+        pos = torch.zeros((len(reqs), width), dtype=torch.long)
+        allowed = torch.zeros((len(reqs), width, shared + width), dtype=torch.bool)
+        allowed[:, :, :shared] = True
+        rows, at, targets, owner = [], [], [], []
+        for b, (prompt, choices) in enumerate(reqs):
+            own = prompt[shared:]
+            n = len(own)
+            ids[b, :n] = torch.tensor(own)
+            pos[b, :n] = torch.arange(shared, shared + n)
+            allowed[b, :n, shared : shared + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            off = n
+            for j, cont in enumerate(choices):
+                m = len(cont)
+                ids[b, off : off + m] = torch.tensor(cont)
+                pos[b, off : off + m] = torch.arange(shared + n, shared + n + m)
+                allowed[b, off : off + m, shared : shared + n] = True
+                allowed[b, off : off + m, shared + off : shared + off + m] = torch.ones(m, m, dtype=torch.bool).tril()
+                predictors = [n - 1, *range(off, off + m - 1)]
+                rows += [b] * m
+                at += predictors
+                targets += cont
+                owner += [(b, j)] * m
+                off += m
+            for t in range(off, width):  # padding attends to itself only
+                allowed[b, t, shared + t] = True
+        mask = torch.zeros(allowed.shape, dtype=self.model.dtype).masked_fill_(~allowed, neg)[:, None]
+        with torch.no_grad():
+            hidden = self.model.base_model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=pos.to(self.device),
+                use_cache=cache is not None,
+                **{self._cache_kw: cache},
+            ).last_hidden_state
+            picked = hidden[torch.tensor(rows), torch.tensor(at)]
+            logits = self.model.get_output_embeddings()(picked).float()
+            lp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets, device=logits.device)[:, None])
+        lp = lp[:, 0].cpu().tolist()
+        out = [[0.0] * len(cs) for _, cs in reqs]
+        for (b, j), v in zip(owner, lp, strict=True):
+            out[b][j] += v
+        return out
+
+    def _prefix_cache(self, prefix: list[int], rows: int):
+        """The key/value cache of `prefix`, computed once, repeated for `rows` rows."""
+        torch = self.torch
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
+        cache = out[self._cache_kw]  # the output field is renamed with the argument
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+    # ------------------------------------------------------------ held-out loss
+
+    def sum_nll(self, windows: Sequence[Sequence[int]]) -> float:
+        """Summed next-token cross-entropy over each window (nats)."""
+        torch = self.torch
+        total = 0.0
+        for batch in batches([len(w) for w in windows], self.batch_tokens):
+            width = max(len(windows[i]) for i in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            for b, i in enumerate(batch):
+                w = torch.tensor(list(windows[i]))
+                ids[b, : len(w)] = w
+                labels[b, : len(w) - 1] = w[1:]
+            with torch.no_grad():
+                logits = self.model(input_ids=ids.to(self.device)).logits.float()
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1), labels.to(logits.device).flatten(), reduction="sum", ignore_index=-100
+                )
+            )
+        return total
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[str]:
+        """Greedy continuation of each prompt, up to its own token cap or the first newline."""
+        lengths = [len(p) + cap for p, cap in requests]
+        out = [""] * len(requests)
+        for batch in batches(lengths, self.batch_tokens):
+            for i, text in zip(batch, self._generate_batch([requests[i] for i in batch]), strict=True):
+                out[i] = text
+        return out
+
+    def _generate_batch(self, reqs: Sequence[GenRequest]) -> list[str]:
+        """Prefill each prompt alone (the causal kernel, no padding), then decode all rows at once."""
+        torch = self.torch
+        from transformers import DynamicCache
+
+        stops = self.newline_ids()
+        layers: list[list] = []
+        tokens: list[list[int]] = []
+        with torch.no_grad():
+            for prompt, _ in reqs:
+                out = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1)
+                layers.append(_kv(out[self._cache_kw]))
+                tokens.append([int(out.logits[0, -1].argmax())])
+            width = max(len(p) for p, _ in reqs)
+            merged = []
+            for i in range(len(layers[0])):  # left-pad every row's keys/values to `width`
+                merged.append(tuple(torch.cat([_left_pad(kv[i][j], width) for kv in layers]) for j in (0, 1)))
+            cache = DynamicCache(merged)
+            mask = torch.zeros((len(reqs), width), dtype=torch.long, device=self.device)
+            for b, (prompt, _) in enumerate(reqs):
+                mask[b, width - len(prompt) :] = 1
+            lengths = torch.tensor([len(p) for p, _ in reqs], device=self.device)
+            done = [t[0] in stops or cap <= 1 for t, (_, cap) in zip(tokens, reqs, strict=True)]
+            step = 0
+            while not all(done):
+                mask = torch.cat([mask, torch.ones((len(reqs), 1), dtype=mask.dtype, device=self.device)], dim=1)
+                out = self.model(
+                    input_ids=torch.tensor([[t[-1]] for t in tokens], device=self.device),
+                    attention_mask=mask,
+                    position_ids=(lengths + step)[:, None],
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self._cache_kw: cache},
+                )
+                cache = out[self._cache_kw]
+                step += 1
+                for b, t in enumerate(out.logits[:, -1].argmax(-1).tolist()):
+                    if not done[b]:
+                        tokens[b].append(t)
+                        done[b] = t in stops or len(tokens[b]) >= reqs[b][1]
+        return [self.tok.decode(t) for t in tokens]
+
+
+def _kv(cache) -> list[tuple]:
+    """(keys, values) per layer of a transformers cache (5.x layers, or 4.x key/value lists)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+def _left_pad(t, width: int):
+    import torch
+
+    pad = width - t.shape[-2]
+    return torch.nn.functional.pad(t, (0, 0, pad, 0)) if pad else t

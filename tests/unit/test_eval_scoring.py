@@ -1,0 +1,85 @@
+"""The transformers scorer: packed choices, shared-prefix cache and batched generation give
+the answers of the straightforward computation (one row per choice, one question at a time)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.evaluate.files import load_jcommonsenseqa, load_jsquad
+from jobs.evaluate.harness import plan, template
+from jobs.evaluate.hf_scorer import batches, common_prefix
+from tests.serving_factory import make_model_dir
+
+DATA = Path(__file__).parent / "data" / "jglue"
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory):
+    import torch
+
+    from jobs.evaluate.hf_scorer import HFScorer
+
+    root = make_model_dir(tmp_path_factory.mktemp("model"), torch.bfloat16, max_position_embeddings=4096)
+    return HFScorer(root, "cpu", batch_tokens=3000)
+
+
+def reference_logprobs(scorer, ctx, cont):
+    torch = scorer.torch
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        lp = torch.log_softmax(scorer.model(input_ids=ids).logits.float(), -1)[0]
+    return float(sum(lp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+
+
+def test_model_loads_in_its_saved_dtype(scorer):
+    assert scorer.dtype == "bfloat16"
+
+
+def test_packed_choices_equal_one_row_per_choice(scorer):
+    items, train = (
+        load_jcommonsenseqa(DATA / "jcommonsenseqa-valid.json"),
+        load_jcommonsenseqa(DATA / "jcommonsenseqa-train.json"),
+    )
+    tpl = template("jcommonsenseqa", "0.3")
+    reqs = [(scorer.encode(tpl.prompt(i, s)), [scorer.encode(c) for c in i.choices]) for i, s in plan(items, train, 3)]
+    got = scorer.choice_logprobs(reqs)
+    assert len(batches([len(p) for p, _ in reqs], scorer.batch_tokens)) > 1  # several batches, several rows each
+    assert common_prefix([p for p, _ in reqs]) > 10  # the description is shared and cached
+    for (ctx, conts), scores in zip(reqs, got, strict=True):
+        ref = [reference_logprobs(scorer, ctx, c) for c in conts]
+        assert scores == pytest.approx(ref, abs=0.05 + 0.01 * max(abs(r) for r in ref))
+        assert max(range(5), key=scores.__getitem__) == max(range(5), key=ref.__getitem__)
+
+
+def test_batched_generation_equals_one_at_a_time(scorer):
+    items, train = load_jsquad(DATA / "jsquad-valid.json"), load_jsquad(DATA / "jsquad-train.json")
+    tpl = template("jsquad", "0.2")
+    reqs = [(scorer.encode(tpl.prompt(i, s)), 6) for i, s in plan(items, train, 2)]
+    batched = scorer.generate(reqs)
+    single = [scorer.generate([r])[0] for r in reqs]
+    assert batched == single
+    assert all(text.count("\n") <= 1 and (text.endswith("\n") or "\n" not in text) for text in batched)
+    one = scorer.generate([(ctx, 1) for ctx, _ in reqs])
+    assert all(len(a) <= len(b) for a, b in zip(one, batched, strict=True))
+
+
+def test_sum_nll_equals_cross_entropy(scorer):
+    torch = scorer.torch
+    windows = [list(range(5, 40)), list(range(7, 30))]
+    got = scorer.sum_nll(windows)
+    ref = 0.0
+    for w in windows:
+        with torch.no_grad():
+            logits = scorer.model(input_ids=torch.tensor([w[:-1]])).logits[0].float()
+        ref += float(torch.nn.functional.cross_entropy(logits, torch.tensor(w[1:]), reduction="sum"))
+    assert got == pytest.approx(ref, rel=1e-2)
+
+
+def test_batches_sort_by_length_and_respect_the_budget():
+    lengths = [5, 50, 20, 30, 10]
+    out = batches(lengths, 60)
+    assert [i for b in out for i in b] == [1, 3, 2, 4, 0]
+    assert all(lengths[b[0]] * len(b) <= 60 for b in out)
+    assert common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
