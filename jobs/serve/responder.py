@@ -36,6 +36,7 @@ from jobs.serve.openai import (
 )
 
 MAX_GAPS = 512  # inter-token gaps reported per request
+COALESCE_S = 0.02  # streamed tokens closer together than this leave in one chunk
 
 
 class DrillError(RuntimeError):
@@ -117,16 +118,25 @@ class Responder:
         clock = Clock()
         await self._drill()
         rid = new_id(req.chat)
-        started: set[int] = set()
+        sent: dict[int, float] = {}  # when each choice's last chunk left
+        pending: dict[int, str] = {}
         counts: dict[int, list[int]] = {}
         async for d in self.engine.stream(req):
             clock.tick(d)
-            first = d.index not in started
-            started.add(d.index)
+            first = d.index not in sent
             c = counts.setdefault(d.index, [d.prompt_tokens, 0])
             c[1] += d.tokens
-            if d.text or d.finish_reason or first:
-                yield {"data": stream_chunk(rid, self.version, req.chat, d.index, d.text, d.finish_reason, first)}
+            text = pending.pop(d.index, "") + d.text
+            now = time.perf_counter()
+            # Tokens closer together than COALESCE_S travel as one chunk: each Ray hop costs per
+            # chunk, and a chunk waits at most one inter-token gap for its company.
+            if first or d.finish_reason or now - sent[d.index] >= COALESCE_S:
+                sent[d.index] = now
+                yield {"data": stream_chunk(rid, self.version, req.chat, d.index, text, d.finish_reason, first)}
+            else:
+                pending[d.index] = text
+        for index, text in pending.items():  # an engine that ended a choice without saying why
+            yield {"data": stream_chunk(rid, self.version, req.chat, index, text, "length")}
         results = [Completion("", p, n, "") for p, n in counts.values()]
         if req.include_usage:
             yield {"data": usage_chunk(rid, self.version, req.chat, usage(results))}
