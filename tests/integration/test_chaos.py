@@ -286,7 +286,7 @@ def test_kill_a_raylet_node(ctx):
     """Both workers on the second node (the head's CPUs held by a placeholder job); kill that node.
     The placeholder stays until Ray's node table says the node is dead, so the run waits for room
     while Ray's own evidence comes in; the supervisor excludes the node naming it, whatever the
-    count of rank failures. Last in the module: the cluster carries on with its head alone."""
+    count of rank failures (or the count, if it comes first). Last in the module: the cluster carries on with its head alone."""
     client = ray_cluster.job_client(ctx.cluster)
     state = ray_cluster.read_state(ctx.cluster)
     hold = client.submit_job(
@@ -317,7 +317,11 @@ def test_kill_a_raylet_node(ctx):
         r = recovered(ctx, rd)
         assert "worker_died" in r["kinds"] and len(r["attempts"]) == 2
         record = next(x for x in store.node_records(ctx.ledger) if x["node"] == node)
-        assert "Ray's node table" in record["reason"] and "Unexpected termination" in record["reason"], record
+        # whichever evidence came first: Ray's node table, or both ranks' failures counted on it
+        reason = record["reason"]
+        assert (
+            "Ray's node table" in reason and "Unexpected termination" in reason
+        ) or "failures on this node" in reason
         died = [e for e in rd.events({"failure"}) if e["attempt"] == 1 and e["kind"] == "worker_died"]
         assert died and all(e.get("node_id") == node and e.get("rank") is not None for e in died), died
     finally:
