@@ -140,7 +140,10 @@ def test_ctrl_c_on_watch_hands_the_run_to_a_background_supervisor(env, tmp_path,
         assert pid and pid != os.getpid() and pid_alive(pid) and f"pid {pid}" in printed
         with pytest.raises(UserError):  # it holds the storage root's lock: it is the run's supervisor now
             lock.acquire()
-    finally:
+    finally:  # the supervisor it started is stopped, even when it had not yet written its pid
+        deadline = time.monotonic() + 30
+        while SupervisorLock(ctx.storage).holder() in (None, os.getpid()) and time.monotonic() < deadline:
+            time.sleep(0.1)
         pid = SupervisorLock(ctx.storage).holder()
         if pid and pid != os.getpid() and pid_alive(pid):
             os.kill(pid, signal.SIGTERM)
