@@ -305,6 +305,13 @@ def _token_and_url(cluster: ClusterSpec) -> tuple[str, str]:
     return url, token
 
 
+def require_reachable(cluster: ClusterSpec) -> None:
+    """Raise ClusterNotRunning (local) or UserError (remote) unless a client could reach the cluster."""
+    url, token = _token_and_url(cluster)
+    if cluster.kind == "local" and not _dashboard_ok(url, token):
+        raise ClusterNotRunning(f"the local Ray cluster does not answer at {url}: run `llmctl cluster up`")
+
+
 def _dashboard_get(cluster: ClusterSpec, path: str) -> Any:
     url, token = _token_and_url(cluster)
     r = httpx.get(f"{url}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=5.0)
@@ -443,3 +450,45 @@ def stop_job(cluster: ClusterSpec, sid: str, client: Any = None) -> bool:
 def job_logs(cluster: ClusterSpec, sid: str, client: Any = None) -> str:
     client = client or job_client(cluster)
     return client.get_job_logs(sid)
+
+
+# --------------------------------------------------------------------------- the node table, as evidence
+
+
+def node_table(cluster: ClusterSpec) -> list[dict[str, Any]]:
+    """Every node Ray's GCS knows, dead ones included, from the state API:
+    [{"node_id", "alive", "state_message", "end_time", "expected", "resources_total"}].
+
+    `state_message` is Ray's own account of a death ("Unexpected termination: health check failed
+    ..."); `expected` is True when Ray calls it an expected termination (a graceful stop)."""
+    body = _dashboard_get(cluster, "/api/v0/nodes?limit=10000&detail=true&timeout=10")
+    rows = ((body.get("data") or {}).get("result") or {}).get("result") or []
+    out = []
+    for n in rows:
+        message = n.get("state_message") or ""
+        out.append(
+            {
+                "node_id": str(n.get("node_id") or ""),
+                "alive": n.get("state") == "ALIVE",
+                "state_message": message or None,
+                "end_time": (n.get("end_time_ms") or 0) / 1000 or None,
+                "expected": message.startswith("Expected termination"),
+                "resources_total": {k: float(v) for k, v in (n.get("resources_total") or {}).items()},
+            }
+        )
+    return out
+
+
+def free_resources(cluster: ClusterSpec) -> tuple[dict[str, float] | None, bool]:
+    """(logical resources not in use across the cluster, or None if unknown; whether Ray holds
+    resource requests it cannot place now), from Ray's autoscaler report."""
+    body = _dashboard_get(cluster, "/api/cluster_status")
+    status = (body.get("data") or {}).get("clusterStatus") or {}
+    report = status.get("loadMetricsReport") or status.get("load_metrics_report") or {}
+    usage = report.get("usage")
+    demand = report.get("resourceDemand") or report.get("resource_demand") or []
+    pending = bool(demand) or bool(report.get("pgDemand") or report.get("pg_demand"))
+    if not isinstance(usage, dict):
+        return None, pending
+    free = {k: float(t) - float(u) for k, (u, t) in usage.items() if not k.startswith("node:")}
+    return free, pending

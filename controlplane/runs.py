@@ -2,7 +2,9 @@
 
 `create_run` freezes the spec into the run directory and records the run (state `pending`).
 `start_run` makes one supervisor pass, which records attempt 1, moves the fence to it and
-submits `<run_id>-a1` through the Jobs API; every later attempt is the supervisor's too.
+submits `<run_id>-a1` through the Jobs API; every later attempt is the supervisor's too. A
+first submission the cluster refuses for good leaves the run `failed` with that cause
+(`require_cluster` checks before anything is recorded, so `run submit` leaves nothing).
 `summarize` condenses a run's events for `run status`, `--watch` and the quickstart summary
 (pure; no Ray, no torch).
 """
@@ -18,7 +20,7 @@ from typing import Any
 
 from controlplane.context import Context
 from controlplane.data.mixture import check_mixture
-from controlplane.errors import CorruptFileError, UserError
+from controlplane.errors import CorruptFileError, LlmctlError, UserError
 from controlplane.rundir import RunDir
 from controlplane.spec import RunSpec, dump_spec, read_record
 from controlplane.states import AttemptState, RunState
@@ -61,17 +63,39 @@ def load_run_spec(run: dict[str, Any]) -> RunSpec:
     return read_record(RunSpec, run["spec"])
 
 
+def require_cluster(ctx: Context) -> None:
+    """Raise ClusterNotRunning (a UserError) unless the run's cluster can take a submission now."""
+    from controlplane import ray_cluster
+
+    ray_cluster.require_reachable(ctx.cluster)
+
+
 def start_run(ctx: Context, run_id: str) -> int | None:
-    """One supervisor pass over a new run: it records, fences and submits attempt 1."""
+    """One supervisor pass over a new run: it records, fences and submits attempt 1.
+
+    A submission refused for good (the cluster is not up, a bad token) leaves the run `failed`
+    with that cause, so no supervisor ever starts it unasked; the error is raised again."""
     from controlplane.supervisor.loop import Supervisor
 
     sup = Supervisor(ctx)
     try:
         sup.reconcile_run(run_id)
+    except LlmctlError as exc:
+        if not exc.retryable:
+            abandon_run(ctx, run_id, f"not submitted: {str(exc).splitlines()[0]}")
+        raise
     finally:
         sup.close()
     current = ctx.ledger.current_attempt(run_id)
     return current["attempt"] if current else None
+
+
+def abandon_run(ctx: Context, run_id: str, cause: str) -> None:
+    """A run whose first submission failed: it and its unsubmitted attempt end `failed` with `cause`."""
+    current = ctx.ledger.current_attempt(run_id)
+    if current and not current.get("job_id") and not AttemptState(current["state"]).is_terminal:
+        ctx.ledger.update_attempt(run_id, current["attempt"], state=AttemptState.FAILED, cause=cause)
+    ctx.ledger.transition(run_id, RunState.FAILED, cause, current["attempt"] if current else None)
 
 
 def stop_run(ctx: Context, run_id: str, cause: str = "stopped by user") -> bool:
@@ -99,6 +123,11 @@ def status_summary(ctx: Context, run: dict[str, Any], run_dir: RunDir, total_ste
     s = summarize([e for _, e in run_dir.iter_events(start)], total_steps)
     size = run_dir.events_file.stat().st_size if run_dir.events_file.exists() else 0
     s["events_window"] = {"from_byte": start, "bytes": size - start, "size": size}
+    from controlplane.supervisor.store import load_track  # the ledger's copy, for starts before the window
+
+    track = load_track(ctx.ledger, run["run_id"])
+    older = {int(n): a.get("resume_step") for n, a in track.attempts.items() if a.get("started_at")}
+    s["resumed"] = {**older, **s["resumed"]}
     if start:
         first = run_dir.first_event("step")
         s["first_loss"] = first.get("loss") if first else None
@@ -126,6 +155,8 @@ def summarize(events: list[dict[str, Any]], total_steps: int | None = None) -> d
         "stragglers": [e for e in events if e.get("type") == "straggler"],
         "attempts": sorted({e.get("attempt") for e in events if e.get("attempt") is not None}),
         "end": next((e for e in reversed(events) if e.get("type") == "end"), None),
+        # attempt -> the step its `start` event says it resumed from
+        "resumed": {e["attempt"]: e.get("resume_step") for e in events if e.get("type") == "start" and "attempt" in e},
         "eta_s": None,
     }
     if steps:

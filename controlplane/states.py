@@ -33,7 +33,8 @@ TERMINAL = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED})
 
 _FORWARD: dict[RunState, frozenset[RunState]] = {
     RunState.PENDING: frozenset({RunState.PROVISIONING}),
-    RunState.PROVISIONING: frozenset({RunState.RUNNING, RunState.RECOVERING}),
+    # provisioning -> succeeded: the attempt finished while no supervisor watched it start
+    RunState.PROVISIONING: frozenset({RunState.RUNNING, RunState.RECOVERING, RunState.SUCCEEDED}),
     RunState.RUNNING: frozenset({RunState.RECOVERING, RunState.SUCCEEDED}),
     RunState.RECOVERING: frozenset({RunState.PROVISIONING, RunState.RUNNING, RunState.SUCCEEDED}),
 }

@@ -34,15 +34,48 @@ def up(
 
 
 @app.command()
-def down(cluster: ClusterOpt = None) -> None:
-    """Stop what `cluster up` started, and only that. Idempotent."""
+def down(
+    cluster: ClusterOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Stop it even while runs are live on it.")] = False,
+) -> None:
+    """Stop what `cluster up` started, and only that. Idempotent. Refuses while runs are live, unless --force."""
+    import time
+
     from controlplane import ray_cluster
+    from controlplane.errors import UserError
+    from controlplane.supervisor import nodes, store
 
     ctx = Context.load(cluster)
+    live = live_attempts(ctx)
+    if live and not force:
+        names = ", ".join(live[:5]) + (f" and {len(live) - 5} more" if len(live) > 5 else "")
+        raise UserError(
+            f"{len(live)} run(s) live on this cluster ({names}): stopping it kills their training; "
+            "`llmctl run stop RUN` first, or `llmctl cluster down --force`"
+        )
+    info = ray_cluster.status(ctx.cluster)
+    node_ids = [n["node_id"] for n in info.get("nodes") or [] if n.get("state") == "ALIVE"]
+    at = time.time()
+    if node_ids:  # the user stops these nodes: their deaths are no evidence against them
+        nodes.record_cluster_down(ctx.storage, node_ids, at)
     if ray_cluster.down(ctx.cluster):
-        out.print("Ray cluster stopped")
+        out.print("Ray cluster stopped" + (f"; {len(live)} live run(s) lost their attempts" if live else ""))
     else:
         err.print("no local Ray cluster was running")
+    for node in store.readmit_stopped(ctx.ledger, node_ids):
+        err.print(f"node {node} readmitted: it was stopped by `cluster down`, not found bad")
+
+
+def live_attempts(ctx: Context) -> list[str]:
+    """Runs whose current attempt was submitted and has not ended."""
+    from controlplane.states import AttemptState
+
+    out = []
+    for run in ctx.ledger.live_runs():
+        cur = ctx.ledger.current_attempt(run["run_id"])
+        if cur and cur.get("job_id") and not AttemptState(cur["state"]).is_terminal:
+            out.append(run["run_id"])
+    return out
 
 
 @app.command()

@@ -52,10 +52,11 @@ def submit(
     json_: JsonOpt = False,
 ) -> None:
     """Record a run and submit its first attempt to the Ray cluster."""
-    from controlplane.runs import create_run, start_run
+    from controlplane.runs import create_run, require_cluster, start_run
 
     spec = load_spec(RunSpec, spec_file)
     ctx = Context.load(cluster)
+    require_cluster(ctx)  # a cluster that is not up: one line, exit 2, nothing recorded
     run_dir = create_run(ctx, spec)
     attempt = start_run(ctx, run_dir.run_id)
     supervisor = None
@@ -76,7 +77,7 @@ def submit(
     if watch:
         from controlplane.cli.watch import watch_run
 
-        code = watch_run(ctx, run_dir.run_id)
+        code = watch_run(ctx, run_dir.run_id, cluster=cluster)
         raise typer.Exit(code)
 
 
@@ -86,7 +87,7 @@ def watch_cmd(run_id: RunArg, cluster: ClusterOpt = None) -> None:
     from controlplane.cli.watch import watch_run
 
     ctx = Context.load(cluster)
-    raise typer.Exit(watch_run(ctx, ctx.ledger.find_run(run_id)["run_id"]))
+    raise typer.Exit(watch_run(ctx, ctx.ledger.find_run(run_id)["run_id"], cluster=cluster))
 
 
 @app.command("list")
@@ -174,13 +175,21 @@ def status(run_id: RunArg, cluster: ClusterOpt = None, json_: JsonOpt = False) -
         out.print(
             f"  stragglers: {len(s['stragglers'])} events; last rank {last.get('rank')} at {last.get('step_time_s', 0):.2f}s vs median {last.get('median_s', 0):.2f}s"
         )
+    waiting = (attempts[-1].get("info") or {}).get("waiting") if attempts else None
+    if waiting and not RunState(run["state"]).is_terminal:
+        since = (attempts[-1].get("info") or {}).get("waiting_since") or time.time()
+        out.print(
+            f"  attempt {attempts[-1]['attempt']} waiting for resources for {human_duration(time.time() - since)}: {waiting}"
+        )
     table = Table("ATTEMPT", "STATE", "RESUME", "JOB", "CAUSE", "DURATION")
     for a in attempts:
         dur = (a["ended_at"] or time.time()) - a["started_at"]
+        resumed = s["resumed"].get(a["attempt"])  # what its start event says; else the cap it was given
+        resume = resumed if resumed is not None else a["resume_step"]
         table.add_row(
             str(a["attempt"]),
             a["state"],
-            str(a["resume_step"] if a["resume_step"] is not None else "-"),
+            str(resume if resume is not None else "-"),
             a["job_id"] or "-",
             a["cause"] or "",
             human_duration(dur),
@@ -221,7 +230,7 @@ def logs(
     cluster: ClusterOpt = None,
     attempt: Annotated[int | None, typer.Option("--attempt", help="Attempt number (default: the latest).")] = None,
 ) -> None:
-    """Driver and worker logs of an attempt (saved copy, else live from the Ray Jobs API)."""
+    """Driver and worker logs of an attempt, as kept in the run directory (else from the Ray Jobs API)."""
     ctx = Context.load(cluster)
     run, run_dir = _run(ctx, run_id)
     attempts = ctx.ledger.attempts(run["run_id"])
@@ -230,15 +239,55 @@ def logs(
     chosen = attempts[-1] if attempt is None else next((a for a in attempts if a["attempt"] == attempt), None)
     if chosen is None:
         raise UserError(f"--attempt: run {run['run_id']} has attempts 1..{attempts[-1]['attempt']}")
-    saved = run_dir.logs / f"attempt-{chosen['attempt']}.log"
-    if saved.exists():
-        typer.echo(saved.read_text(errors="replace"), nl=False)
+    n = chosen["attempt"]
+    kept = saved_logs(run_dir, n)
+    if kept:
+        for title, path in kept:
+            if len(kept) > 1:
+                typer.echo(f"==> {title} ({path.name}) <==")
+            typer.echo(path.read_text(errors="replace"), nl=False)
         return
     if not chosen.get("job_id"):
-        raise UserError(f"attempt {chosen['attempt']} was never submitted")
+        raise UserError(f"run {run['run_id']}: attempt {n} was never submitted, so it has no logs")
     from controlplane import ray_cluster
+    from controlplane.errors import LlmctlError
 
-    typer.echo(ray_cluster.job_logs(ctx.cluster, chosen["job_id"]), nl=False)
+    try:
+        typer.echo(ray_cluster.job_logs(ctx.cluster, chosen["job_id"]), nl=False)
+    except (LlmctlError, RuntimeError, OSError) as exc:
+        why = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(
+            f"run {run['run_id']}: attempt {n} kept no logs in {run_dir.logs} and the Ray Jobs API has none ({why})"
+        ) from None
+
+
+def saved_logs(run_dir: RunDir, attempt: int) -> list[tuple[str, Path]]:
+    """(title, file) of an attempt's kept logs: the driver, then the workers by rank (pids from the
+    start and worker_replaced events), then any other file."""
+    d = run_dir.logs / f"attempt-{attempt}"
+    files = sorted(d.glob("*.log")) if d.is_dir() else []
+    legacy = run_dir.logs / f"attempt-{attempt}.log"
+    if not files:
+        return [("attempt", legacy)] if legacy.exists() else []
+    ranks: dict[str, int] = {}
+    for ev in run_dir.events({"start", "worker_replaced"}):
+        if ev.get("attempt") != attempt:
+            continue
+        for w in ev.get("workers") or []:
+            ranks[f"worker-{w.get('pid')}"] = w.get("rank")
+        if ev.get("type") == "worker_replaced":
+            ranks[f"worker-{ev.get('new_pid')}"] = ev.get("rank")
+
+    def key(p: Path) -> tuple[int, int, str]:
+        if p.stem == "driver":
+            return (0, 0, p.stem)
+        return (1, ranks[p.stem], p.stem) if p.stem in ranks else (2, 0, p.stem)
+
+    out = []
+    for p in sorted(files, key=key):
+        title = "driver" if p.stem == "driver" else (f"rank {ranks[p.stem]}" if p.stem in ranks else p.stem)
+        out.append((title, p))
+    return out
 
 
 @app.command()

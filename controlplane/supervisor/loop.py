@@ -23,6 +23,7 @@ Crash safety: see README.md in this package. One supervisor per storage root: a
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -38,14 +39,26 @@ from controlplane.spec import RunSpec, read_record
 from controlplane.states import AttemptState, RunState
 from controlplane.supervisor import policy as P
 from controlplane.supervisor import rules, store
-from controlplane.supervisor.nodes import EXCLUDE_ENV, read_health
-from controlplane.supervisor.ports import JobsPort, RayJobs, SupervisorBusy, SupervisorLock, submission_id
+from controlplane.supervisor.nodes import EXCLUDE_ENV, dead_by_ray, read_cluster_downs, read_health
+from controlplane.supervisor.ports import (
+    ClusterView,
+    JobsPort,
+    RayJobs,
+    SupervisorBusy,
+    SupervisorLock,
+    submission_id,
+)
 from controlplane.supervisor.track import NODE_FAULTS, RunTrack
 
 log = logging.getLogger("llmctl.supervisor")
 
 # failures the job could not report itself: the supervisor counts them for the MTBF
-UNREPORTED = frozenset({"crash", "job_lost", "job_stopped", "early_exit", "node_unhealthy"})
+UNREPORTED = frozenset(
+    {"crash", "job_lost", "job_stopped", "early_exit", "node_unhealthy", "node_dead", "unschedulable"}
+)
+VIEW_TTL_S = 2.0
+# failures seen from this long before a user's `cluster down` of their node are the user's doing
+STOP_GRACE_S = 10.0
 _ATTEMPT_STATE = {
     P.JobStatus.SUCCEEDED: AttemptState.SUCCEEDED,
     P.JobStatus.FAILED: AttemptState.FAILED,
@@ -74,6 +87,7 @@ class Supervisor:
         self.clock = clock
         self.lock = SupervisorLock(ctx.storage)
         self._verified: dict[tuple[str, int], tuple[Any, bool]] = {}
+        self._view: tuple[float, ClusterView | None] = (-1e9, None)
         if exclusive:
             self.lock.acquire()
 
@@ -158,6 +172,8 @@ class Supervisor:
                 store.set_attempt_state(ledger, run_id, cur["attempt"], _ATTEMPT_STATE[status])
         now = self.clock()
         observed = self.observe(run, spec, rd, track, cur, status, now)
+        if cur is not None:
+            self._note_waiting(run_id, cur, observed, now)
         actions = P.decide(observed, spec.fault_tolerance, now, checkpoint=spec.checkpoint, config=self.config)
         if actions:
             self._act(run_id, spec, rd, track, observed, actions, now)
@@ -186,19 +202,33 @@ class Supervisor:
         )
         failures = tuple(
             P.Failure(
-                f["kind"], f["at"], f["attempt"], f.get("step"), f.get("rank"), f.get("node"), f.get("detail", "")
+                f["kind"],
+                f["at"],
+                f["attempt"],
+                f.get("step"),
+                f.get("rank"),
+                f.get("node"),
+                f.get("detail", ""),
+                recovered=bool(f.get("recovered")),
             )
             for f in track.failures_of(n)
         )
         records = {r["node"]: r for r in store.node_records(self.ctx.ledger)}
         excluded = {name for name, r in records.items() if r["excluded"]}
         health = read_health(self.ctx.storage)
-        names = set(health) | excluded | set(track.node_failures)
+        view = self.cluster_view()
+        stopped = read_cluster_downs(self.ctx.storage)
+        hosted = {str(node) for att in track.attempts.values() for node in (att.get("workers") or {}).values() if node}
+        dead = dead_by_ray(view.nodes, hosted, stopped) if view else {}
+        names = set(health) | excluded | set(track.node_failures) | set(dead)
 
-        def failures_on(name: str) -> int:  # since an operator last readmitted it
+        def failures_on(name: str) -> int:  # since an operator last readmitted it; not once a user stopped it
             since = (records.get(name) or {}).get("readmitted_at") or 0.0
+            until = stopped.get(name, math.inf) - STOP_GRACE_S
             return sum(
-                1 for f in track.failures if f.get("node") == name and f["kind"] in NODE_FAULTS and f["at"] > since
+                1
+                for f in track.failures
+                if f.get("node") == name and f["kind"] in NODE_FAULTS and since < f["at"] < until
             )
 
         nodes = tuple(
@@ -208,9 +238,11 @@ class Supervisor:
                 excluded=name in excluded,
                 failures=failures_on(name),
                 reasons=health[name].reasons if name in health else (),
+                dead=dead.get(name),
             )
             for name in sorted(names)
         )
+        capacity = _capacity(spec, view, excluded) if view and n and not a.get("started_at") else None
         progressed = [track.progressed(i) for i in range(1, n)]
         pending = None
         if track.pending:
@@ -251,7 +283,33 @@ class Supervisor:
             save_cost_s=track.save_cost_s(),
             mtbf_s=rules.mtbf_estimate_s(elapsed, track.failure_count, prior),
             interval_steps=track.interval_steps,
+            capacity=capacity,
         )
+
+    def cluster_view(self) -> ClusterView | None:
+        """The Jobs port's view of the cluster, at most one query per VIEW_TTL_S (None: no view)."""
+        at, view = self._view
+        if time.monotonic() - at < VIEW_TTL_S:
+            return view
+        fn = getattr(self.jobs, "cluster_view", None)
+        try:
+            view = fn() if fn is not None else None
+        except LlmctlError as exc:  # no view this time: judged again on a later pass
+            log.debug("cluster view: %s", exc)
+            view = None
+        self._view = (time.monotonic(), view)
+        return view
+
+    def _note_waiting(self, run_id: str, cur: dict[str, Any], o: P.Observed, now: float) -> None:
+        """Keep in the attempt's info what it waits for (`run status` prints it); written only on change."""
+        c = o.capacity
+        waiting = c.describe() if c is not None and c.short() else None
+        info = dict(cur.get("info") or {})
+        if info.get("waiting") == waiting:
+            return
+        info["waiting"] = waiting
+        info["waiting_since"] = now if waiting else None
+        self.ctx.ledger.update_attempt(run_id, cur["attempt"], info=info)
 
     def _verified_steps(self, rd: RunDir) -> list[int]:
         """Committed checkpoints that verify (sha256), cached by the files' newest mtime."""
@@ -409,6 +467,27 @@ class Supervisor:
         self.ctx.ledger.update_attempt(run_id, n, job_id=sid)
         if RunState(self.ctx.ledger.get_run(run_id)["state"]) == RunState.PENDING:
             self.ctx.ledger.transition(run_id, RunState.PROVISIONING, info.get("cause") or "submitted", n)
+
+
+def _capacity(spec: RunSpec, view: ClusterView, excluded: set[str]) -> P.Capacity | None:
+    """What the attempt's workers ask against what the cluster's nodes (not excluded) have, while Ray
+    holds requests it cannot place (None when it holds none, or the free resources are unknown)."""
+    if view.free is None or not view.pending:
+        return None
+    w = spec.workers
+    asked = {"CPU": w.num_workers * w.cpus_per_worker}
+    if w.gpus_per_worker:
+        asked["GPU"] = w.num_workers * w.gpus_per_worker
+    total: dict[str, float] = {}
+    for node in view.nodes:
+        if node.get("alive") and node.get("node_id") not in excluded:
+            for k, v in (node.get("resources_total") or {}).items():
+                total[k] = total.get(k, 0.0) + float(v)
+    return P.Capacity(
+        tuple(sorted(asked.items())),
+        tuple(sorted((k, total.get(k, 0.0)) for k in asked)),
+        tuple(sorted((k, view.free.get(k, 0.0)) for k in asked)),
+    )
 
 
 def _cause(a: P.Action) -> str:

@@ -78,3 +78,44 @@ def read_health(storage_root: Path) -> dict[str, NodeHealth]:
         except (OSError, ValueError, AttributeError, TypeError):
             continue
     return out
+
+
+# --------------------------------------------------------------------------- nodes a user stopped
+
+
+def _downs_file(storage_root: Path) -> Path:
+    return Path(storage_root) / "cluster" / "stopped_nodes.json"
+
+
+def record_cluster_down(storage_root: Path, nodes: list[str], at: float) -> None:
+    """`cluster down` stopped these nodes at `at`: their death is the user's doing, not the node's."""
+    from controlplane.rundir import write_atomic
+
+    downs = read_cluster_downs(storage_root)
+    downs.update({n: at for n in nodes if n})
+    newest = dict(sorted(downs.items(), key=lambda kv: kv[1])[-1000:])
+    write_atomic(_downs_file(storage_root), json.dumps(newest).encode())
+
+
+def read_cluster_downs(storage_root: Path) -> dict[str, float]:
+    """node -> when a user's `cluster down` stopped it (unreadable: none)."""
+    try:
+        data = json.loads(_downs_file(storage_root).read_text())
+        return {str(k): float(v) for k, v in data.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def dead_by_ray(
+    table: list[dict[str, Any]] | tuple[dict[str, Any], ...], hosted: set[str], stopped: dict[str, float]
+) -> dict[str, str]:
+    """Nodes that hosted the run's workers and that Ray's node table says died unexpectedly:
+    node id -> Ray's account of the death. A graceful stop, or a node the user's `cluster down`
+    stopped, is not evidence against the node."""
+    out = {}
+    for n in table:
+        node = n.get("node_id")
+        if n.get("alive") or node not in hosted or n.get("expected") or node in stopped:
+            continue
+        out[node] = n.get("state_message") or "DEAD, no reason given"
+    return out

@@ -15,7 +15,7 @@ from its own model of the world and calls the same `decide`. Every input is plai
 Stable API (keep it so the simulator keeps working; the arithmetic helpers — hang_timeout_s,
 backoff_delay_s, rollback_plan, numerical_fault, young_daly_interval, interval_steps,
 mtbf_estimate_s, restarts_without_progress — live in `controlplane.supervisor.rules`):
-    Observed, Heartbeat, Failure, NodeStatus, PendingRestart, JobStatus  (inputs)
+    Observed, Heartbeat, Failure, NodeStatus, PendingRestart, Capacity, JobStatus  (inputs)
     Submit, StopJob, Backoff, MarkRunning, MarkRecovering, MarkSucceeded, MarkFailed,
     MarkStopped, RecordIncident, ExcludeNode, SetCheckpointInterval       (actions)
     decide
@@ -34,8 +34,16 @@ The rules (each unit-tested in tests/unit/test_supervisor_policy.py):
   losses): roll back to the newest verified checkpoint strictly before the bad step and
   skip the data window [ckpt_step+1 .. bad_step] in every later attempt, at most
   `max_rollbacks` times.
-- Bad nodes: a node with `node_failure_threshold` failures, or unhealthy per telemetry,
-  is excluded; a running attempt with workers on an unhealthy node is restarted elsewhere.
+- Bad nodes: a node with `node_failure_threshold` failures, unhealthy per telemetry, or
+  dead per Ray's node table (an unexpected death; the reason is named in the decision) is
+  excluded; a running attempt with workers on such a node is restarted elsewhere.
+- Finished: an attempt whose `end` event says succeeded at the final step makes the run
+  succeeded, whatever the Jobs API says now (it forgets jobs when the cluster restarts).
+- Cause: an attempt's end is blamed on its last failure the job did not recover from (a
+  worker replaced inside the attempt is not the cause), else on how the job exited.
+- Waiting for resources: before its start event, an attempt whose workers the cluster
+  cannot place (asked vs free, in `Capacity`) fails the run after `unschedulable_after_s`
+  when it asks more than the whole cluster has, else after `provision_timeout_s`.
 - Checkpoint interval 'auto': Young/Daly sqrt(2 x save cost x MTBF), in steps.
 """
 
@@ -98,6 +106,7 @@ class Failure:
     node: str | None = None
     detail: str = ""
     ranks: tuple[int, ...] = ()  # for a hang: the ranks whose heartbeats stopped
+    recovered: bool = False  # the job replaced the worker inside the attempt: not why it ended
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,30 @@ class NodeStatus:
     excluded: bool = False
     failures: int = 0  # failures attributed to this node during the run (all attempts)
     reasons: tuple[str, ...] = ()  # telemetry reasons when unhealthy, e.g. "xid 79 on gpu 3"
+    dead: str | None = None  # Ray's node table says it died unexpectedly: its death reason
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the current attempt asks of the cluster, and what the cluster has (nodes not excluded).
+    Each is a tuple of (resource, amount), e.g. (("CPU", 4.0),)."""
+
+    asked: tuple[tuple[str, float], ...]
+    total: tuple[tuple[str, float], ...]
+    free: tuple[tuple[str, float], ...]
+
+    def short(self) -> dict[str, tuple[float, float, float]]:
+        """resource -> (asked, free, total), for the resources asked and not free."""
+        total, free = dict(self.total), dict(self.free)
+        return {r: (a, free.get(r, 0.0), total.get(r, 0.0)) for r, a in self.asked if a > free.get(r, 0.0) + 1e-9}
+
+    def never_fits(self) -> bool:
+        total = dict(self.total)
+        return any(a > total.get(r, 0.0) + 1e-9 for r, a in self.asked)
+
+    def describe(self) -> str:
+        parts = [f"{a:g} {r} asked, {f:g} free of {t:g}" for r, (a, f, t) in self.short().items()]
+        return "; ".join(parts) or "resources free; placing the workers"
 
 
 @dataclass(frozen=True)
@@ -146,6 +179,7 @@ class Observed:
     nodes: tuple[NodeStatus, ...] = ()
     pending: PendingRestart | None = None
     stop_requested: bool = False  # an operator asked to stop the run
+    capacity: Capacity | None = None  # None: unknown (no cluster view); judged only before the start event
     # checkpoint interval 'auto' inputs
     save_cost_s: float | None = None  # time training lost per recent checkpoint (blocking, + persist if sync)
     mtbf_s: float | None = None  # observed mean time between failures (None: not yet observed)
@@ -164,6 +198,8 @@ class PolicyConfig:
     heartbeat_stale_s: float = 15.0  # a rank not heard from for this long is named in a hang incident
     stop_grace_s: float = 30.0  # how long a restart waits for the old job to stop before submitting anyway
     interval_change_ratio: float = 0.2  # rewrite the 'auto' checkpoint interval when it moves by this much
+    unschedulable_after_s: float = 60.0  # asks more than the whole cluster has for this long: fail the run
+    provision_timeout_s: float = 900.0  # waits for resources another run holds for this long: fail the run
 
 
 # --------------------------------------------------------------------------- actions
@@ -283,13 +319,18 @@ def decide(
 
     actions += _checkpoint_interval(o, checkpoint, config)
     status = o.job_status
-    if status is JobStatus.SUCCEEDED:
-        if o.last_step >= o.final_step or o.end_status == "succeeded":
+    finished = o.end_status == "succeeded" and o.last_step >= o.final_step
+    if status is JobStatus.SUCCEEDED or (finished and not status.is_live):
+        # A finished run is never trained again, even when the Jobs API lost it (cluster restarted).
+        if finished or o.last_step >= o.final_step or o.end_status == "succeeded":
             return [*actions, MarkSucceeded(f"attempt {o.attempt} reached step {o.last_step}")]
         fail = Failure("early_exit", now, o.attempt, o.last_step, detail="job exited 0 before the final step")
         return actions + _recover(o, spec, now, fail, actions)
     if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.MISSING):
         return actions + _recover(o, spec, now, _cause_of_exit(o, now), actions)
+    waiting = _waiting_for_resources(o, now, config)
+    if waiting is not None:
+        return [*actions, *waiting]
     if status is JobStatus.PENDING:
         return actions
 
@@ -297,9 +338,11 @@ def decide(
     numeric = _numerical(o, spec)
     if numeric is not None:
         return actions + _recover(o, spec, now, numeric, actions)
-    bad_nodes = [a.node for a in actions if isinstance(a, ExcludeNode) and a.node in o.attempt_nodes]
-    if bad_nodes:
-        fail = Failure("node_unhealthy", now, o.attempt, o.last_step, node=bad_nodes[0], detail="excluded node")
+    bad = [a for a in actions if isinstance(a, ExcludeNode) and a.node in o.attempt_nodes]
+    if bad:
+        dead = {n.node for n in o.nodes if n.dead}
+        kind = "node_dead" if bad[0].node in dead else "node_unhealthy"
+        fail = Failure(kind, now, o.attempt, o.last_step, node=bad[0].node, detail=bad[0].evidence)
         return actions + _recover(o, spec, now, fail, actions)
     hang = _hang(o, spec, now, config)
     if hang is not None:
@@ -323,6 +366,8 @@ def _node_exclusions(o: Observed, spec: FaultToleranceSpec) -> list[Action]:
             continue
         if not n.healthy:
             out.append(ExcludeNode(n.node, "unhealthy: " + ("; ".join(n.reasons) or "telemetry says so")))
+        elif n.dead:
+            out.append(ExcludeNode(n.node, f"Ray's node table: node died ({n.dead})"))
         elif n.failures >= spec.node_failure_threshold:
             out.append(
                 ExcludeNode(n.node, f"{n.failures} failures on this node (threshold {spec.node_failure_threshold})")
@@ -330,13 +375,35 @@ def _node_exclusions(o: Observed, spec: FaultToleranceSpec) -> list[Action]:
     return out
 
 
+def _waiting_for_resources(o: Observed, now: float, config: PolicyConfig) -> list[Action] | None:
+    """Before its start event, an attempt whose workers cannot be placed: wait (a bounded time), then fail.
+    None: not waiting for resources (or no view of them)."""
+    c = o.capacity
+    if c is None or o.attempt_started_at is not None or not c.short():
+        return None
+    since = o.attempt_submitted_at if o.attempt_submitted_at is not None else now
+    waited = now - since
+    if c.never_fits() and waited > config.unschedulable_after_s:
+        why = f"unschedulable: attempt {o.attempt} asks more than the cluster has ({c.describe()})"
+    elif waited > config.provision_timeout_s:
+        why = f"waited {waited:.0f}s for resources (limit {config.provision_timeout_s:.0f}s): {c.describe()}"
+    else:
+        return []
+    acts: list[Action] = [RecordIncident("unschedulable", {"attempt": o.attempt, "detail": why})]
+    if o.job_status.is_live:
+        acts.append(StopJob(o.attempt, "unschedulable"))
+    return [*acts, MarkFailed(why)]
+
+
 def _cause_of_exit(o: Observed, now: float) -> Failure:
-    """The most telling failure of an attempt that ended: numerical > recorded failure > exit."""
+    """The most telling failure of an attempt that ended: numerical > last unrecovered failure > exit.
+    A worker the job replaced inside the attempt is not why the attempt ended."""
     for f in reversed(o.failures):
         if f.kind in NUMERICAL:
             return f
-    if o.failures:
-        return o.failures[-1]
+    unrecovered = [f for f in o.failures if not f.recovered]
+    if unrecovered:
+        return unrecovered[-1]
     kind = {JobStatus.FAILED: "crash", JobStatus.STOPPED: "job_stopped", JobStatus.MISSING: "job_lost"}[o.job_status]
     detail = {
         "crash": "job exited with an error and wrote no failure event",

@@ -19,6 +19,8 @@ from controlplane.ledger import Ledger, apply_transition
 from controlplane.states import AttemptState, RunState
 from controlplane.supervisor.track import RunTrack
 
+MARKS = frozenset({"MarkRunning", "MarkRecovering", "MarkSucceeded", "MarkFailed", "MarkStopped"})
+
 
 def load_track(ledger: Ledger, run_id: str) -> RunTrack:
     rows = ledger.query("SELECT events_offset, state_json FROM supervisor_runs WHERE run_id = ?", (run_id,))
@@ -83,6 +85,8 @@ def commit_decision(
             _incident(c, run_id, kind, detail, attempt, now)
         if transition is not None:
             moved = apply_transition(c, run_id, transition[0], transition[1], attempt, now)
+            if not moved:  # not allowed from the state the run is in: nothing was applied, so nothing is recorded
+                decisions = [d for d in decisions if d[0] not in MARKS]
         if attempt_fields and attempt:
             sets = ", ".join(f"{k} = ?" for k in attempt_fields)
             c.execute(
@@ -145,6 +149,22 @@ def readmit_node(ledger: Ledger, node: str) -> bool:
             (time.time(), node),
         )
         return cur.rowcount > 0
+
+
+def readmit_stopped(ledger: Ledger, nodes: list[str]) -> list[str]:
+    """`cluster down` stopped `nodes`: readmit those the supervisor excluded (an operator's own
+    exclusion stays). Returns the readmitted ones."""
+    out = []
+    with ledger.tx() as c:
+        for node in nodes:
+            cur = c.execute(
+                "UPDATE node_exclusions SET excluded = 0, readmitted_at = ? "
+                "WHERE node = ? AND excluded = 1 AND reason NOT LIKE 'operator:%'",
+                (time.time(), node),
+            )
+            if cur.rowcount:
+                out.append(node)
+    return out
 
 
 def node_records(ledger: Ledger) -> list[dict[str, Any]]:

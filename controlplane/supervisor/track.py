@@ -190,6 +190,11 @@ class RunTrack:
                 )
             )
         elif kind == "worker_replaced":
+            # the failure it answers was recovered inside the attempt: it is not why the attempt ends
+            for f in reversed(self.failures):
+                if f.get("attempt") == n and f.get("rank") == ev.get("rank") and not f.get("recovered"):
+                    f["recovered"] = True
+                    break
             detail = {k: ev.get(k) for k in ("rank", "old_pid", "new_pid", "recovery_s", "from")}
             out.append(("incident", {"kind": "worker_replaced", "attempt": n, "detail": {"source": "job", **detail}}))
         elif kind == "end":

@@ -442,7 +442,8 @@ class Driver:
         while True:
             crash = {r: self._crash_info(r) for r in dead}
             for r, (kind, detail) in dead.items():  # at detection: goodput reads the gap before it
-                self.events.emit("failure", kind=kind, rank=r, step=crash[r][1], detail=detail)
+                node = self.slots[r].node_id
+                self.events.emit("failure", kind=kind, rank=r, node_id=node, step=crash[r][1], detail=detail)
             lost |= dead.keys()
             survivors = [r for r in self.slots if r not in lost]
             if not survivors:

@@ -6,13 +6,15 @@ python -m jobs.pretrain --run-dir DIR --attempt N [--max-resume-step S] [--skip-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
 
 from controlplane.rundir import FencedError, RunDir
 from jobs.pretrain.driver import Driver
-from jobs.pretrain.events import EXIT_FENCED
+from jobs.pretrain.events import EXIT_FENCED, EventLog
+from jobs.pretrain.logs import capture as capture_output
 from jobs.pretrain.schedule import parse_skip
 
 
@@ -38,6 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     except FencedError as exc:
         print(f"fenced: {exc}")
         return EXIT_FENCED
+    capture_output(run_dir, args.attempt, "driver")
+    try:
+        driver = _start(run_dir, args, skips)
+    except Exception as exc:  # before the driver's own loop: the failure event says why, the log has the traceback
+        with contextlib.suppress(FencedError, OSError):
+            EventLog(run_dir, args.attempt).emit(
+                "failure", kind="driver_error", step=None, detail=f"starting: {type(exc).__name__}: {exc}"[:500]
+            )
+        raise
+    return driver.run_job()
+
+
+def _start(run_dir: RunDir, args: argparse.Namespace, skips: list[tuple[int, int]]) -> Driver:
     import ray
 
     if not ray.is_initialized():
@@ -48,5 +63,4 @@ def main(argv: list[str] | None = None) -> int:
             path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
             kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
         ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True, **kwargs)
-    driver = Driver(run_dir, args.attempt, args.max_resume_step, skips)
-    return driver.run_job()
+    return Driver(run_dir, args.attempt, args.max_resume_step, skips)

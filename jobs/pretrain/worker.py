@@ -36,6 +36,7 @@ from controlplane.spec import RunSpec, read_record
 from jobs.pretrain import state as st
 from jobs.pretrain.dataset import dataset_meta, open_train_data
 from jobs.pretrain.events import EventLog
+from jobs.pretrain.logs import capture as capture_output
 from jobs.pretrain.schedule import advance_cursor, skip_forward
 
 HEARTBEAT_S = 1.0
@@ -43,6 +44,7 @@ HEARTBEAT_S = 1.0
 
 class TrainWorker:
     def __init__(self, job: dict[str, Any]) -> None:
+        capture_output(job["run_dir"], job["attempt"], f"worker-{os.getpid()}")  # ranks: in the start event
         self.job = job
         self.run = read_record(RunSpec, job["run"])
         self.attempt: int = job["attempt"]

@@ -9,6 +9,9 @@ What it does per attempt comes from `<run dir>/script.json`:
 
     {"steps": 30, "interval": 5, "step_s": 0.05,
      "faults": {"1": {"crash_at": 12}, "2": {"nan_at": 9}, "3": {"hang_at": 4, "hang_ranks": [1]}}}
+
+(also `replace_at`: a worker replaced inside the attempt; `die_at`: the driver killed silently;
+`start_after_s`: the start event comes that late)
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def main() -> int:
         rd.check_fence(n)
         rd.append_event(type_, n, **fields)
 
+    time.sleep(float(fault.get("start_after_s", 0)))  # its workers wait to be placed
     info, skipped = ckpt.newest_verified(rd.checkpoints, max_step=args.max_resume_step)
     step = info.step if info else 0
     workers = [
@@ -74,6 +78,12 @@ def main() -> int:
         if fault.get("crash_at") == step:
             emit("failure", kind="worker_died", rank=1, step=step, detail="SIGKILL")
             return 1
+        if fault.get("replace_at") == step:  # a worker dies and is replaced inside the attempt
+            emit("failure", kind="worker_died", rank=1, step=step, node_id=workers[1]["node_id"], detail="SIGKILL")
+            emit("worker_replaced", rank=1, old_pid=os.getpid(), new_pid=os.getpid(), recovery_s=0.1, step=step,
+                 **{"from": "new"})  # fmt: skip
+        if fault.get("die_at") == step:  # the driver is SIGKILLed: no failure event, no end
+            os._exit(137)
         loss = float("nan") if fault.get("nan_at") == step else 5.0 / (1 + 0.1 * step)
         if loss != loss:
             emit("failure", kind="nan_loss", rank=0, step=step, detail="loss is NaN")

@@ -16,13 +16,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from controlplane.context import Context
 from controlplane.ledger import Ledger
 from controlplane.procs import pid_alive
 from controlplane.rundir import RunDir
 from controlplane.spec import RunSpec, dump_spec
-from controlplane.supervisor.policy import JobStatus
+from controlplane.supervisor.loop import Supervisor
+from controlplane.supervisor.policy import JobStatus, PolicyConfig
+from controlplane.supervisor.ports import ClusterView
 
 SCRIPT = Path(__file__).with_name("scripted_job.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,6 +96,23 @@ class ProcessJobs:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(int(pid_file.read_text()), signal.SIGKILL)
 
+    def forget_all(self) -> None:
+        """What a cluster restart does to the Jobs API: every submission is forgotten."""
+        for f in self.dir.iterdir():
+            if f.suffix in (".pid", ".rc", ".stopped"):
+                f.unlink()
+
+    def cluster_view(self) -> ClusterView:
+        """A cluster whose node table and free resources a test sets (`view.json`), as Ray reports them."""
+        f = self.dir / "view.json"
+        if not f.exists():
+            return ClusterView()
+        v = json.loads(f.read_text())
+        return ClusterView(tuple(v.get("nodes", ())), v.get("free"), bool(v.get("pending")))
+
+    def set_view(self, nodes=(), free=None, pending=False) -> None:
+        (self.dir / "view.json").write_text(json.dumps({"nodes": list(nodes), "free": free, "pending": pending}))
+
     def args_of(self, sid: str) -> dict:
         return json.loads(self._f(sid, "args").read_text())
 
@@ -99,6 +120,40 @@ class ProcessJobs:
         for pid_file in self.dir.glob("*.pid"):
             with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
                 os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def scripted_spec(steps: int = 30, interval: int = 5, workers: int = 2, **ft) -> RunSpec:
+    """A run spec with fast fault-tolerance clocks, for scripted jobs."""
+    fault_tolerance = {
+        "backoff_initial_s": 0.05,
+        "backoff_max_s": 0.2,
+        "hang_timeout_factor": 20,
+        "hang_timeout_min_s": 1.5,
+        "hang_timeout_max_s": 8,
+        **ft,
+    }
+    return RunSpec.model_validate(
+        {
+            "name": "sup",
+            "train": {"max_steps": steps},
+            "checkpoint": {"interval_steps": interval},
+            "workers": {"num_workers": workers},
+            "fault_tolerance": fault_tolerance,
+        }
+    )
+
+
+@contextlib.contextmanager
+def supervised(tmp_path: Path, config: PolicyConfig) -> Iterator[tuple[Context, ProcessJobs, Supervisor]]:
+    """(ctx, jobs, supervisor) on the test's storage root; every scripted job is killed after."""
+    ctx = Context.load()
+    jobs = ProcessJobs(tmp_path / "jobs")
+    sup = Supervisor(ctx, jobs, config=config)
+    try:
+        yield ctx, jobs, sup
+    finally:
+        sup.close()
+        jobs.kill_all()
 
 
 def make_run(
@@ -109,6 +164,16 @@ def make_run(
     rd.write_spec({"run_id": run_id, "run": dump_spec(spec), "cluster": {}, "dataset_dir": ""})
     (rd.path / "script.json").write_text(json.dumps(script))
     ledger.create_run(run_id, spec.name, dump_spec(spec), {}, str(rd.path))
+    return rd
+
+
+def start_and_wait_for_a_step(sup, ledger: Ledger, storage: Path, run_id: str, spec: RunSpec, script: dict) -> RunDir:
+    """Record a run, reconcile until its first step event (bounded)."""
+    rd = make_run(ledger, storage, run_id, spec, script)
+    deadline = time.monotonic() + 30
+    while not rd.events({"step"}) and time.monotonic() < deadline:
+        sup.reconcile_run(run_id)
+        time.sleep(0.05)
     return rd
 
 

@@ -25,38 +25,26 @@ from controlplane.supervisor import store
 from controlplane.supervisor.loop import Supervisor
 from controlplane.supervisor.policy import PolicyConfig
 from controlplane.supervisor.ports import SupervisorBusy
-from tests.unit.supervisor_harness import ROOT, ProcessJobs, make_run, wait_terminal
+from tests.unit.supervisor_harness import (
+    ROOT,
+    ProcessJobs,
+    make_run,
+    scripted_spec,
+    start_and_wait_for_a_step,
+    supervised,
+    wait_terminal,
+)
 
 CONFIG = PolicyConfig(heartbeat_stale_s=0.6, stop_grace_s=3.0)
 
 
-def spec(steps=30, interval=5, **ft) -> RunSpec:
-    fault_tolerance = {
-        "backoff_initial_s": 0.05,
-        "backoff_max_s": 0.2,
-        "hang_timeout_factor": 20,
-        "hang_timeout_min_s": 1.5,
-        "hang_timeout_max_s": 8,
-        **ft,
-    }
-    return RunSpec.model_validate(
-        {
-            "name": "sup",
-            "train": {"max_steps": steps},
-            "checkpoint": {"interval_steps": interval},
-            "fault_tolerance": fault_tolerance,
-        }
-    )
+spec = scripted_spec
 
 
 @pytest.fixture
 def env(tmp_path):
-    ctx = Context.load()
-    jobs = ProcessJobs(tmp_path / "jobs")
-    sup = Supervisor(ctx, jobs, config=CONFIG)
-    yield ctx, jobs, sup
-    sup.close()
-    jobs.kill_all()
+    with supervised(tmp_path, CONFIG) as e:
+        yield e
 
 
 def run(env, run_id, script, s=None, timeout=60):
@@ -179,11 +167,8 @@ def test_interrupted_submission_is_finished_not_duplicated(env):
 
 def test_unhealthy_node_is_excluded_and_the_attempt_moves(env):
     ctx, jobs, sup = env
-    rd = make_run(ctx.ledger, ctx.storage, "sick", spec(steps=40), {"steps": 40, "interval": 5, "step_s": 0.03})
-    deadline = time.monotonic() + 30
-    while not rd.events({"step"}) and time.monotonic() < deadline:
-        sup.reconcile_run("sick")
-        time.sleep(0.05)
+    script = {"steps": 40, "interval": 5, "step_s": 0.03}
+    rd = start_and_wait_for_a_step(sup, ctx.ledger, ctx.storage, "sick", spec(steps=40), script)
     health = ctx.storage / "telemetry" / "health"
     health.mkdir(parents=True)
     reason = {"kind": "xid", "gpu": 3, "detail": "Xid 79: GPU has fallen off the bus", "ts": time.time()}

@@ -382,3 +382,105 @@ def test_auto_interval_is_written_and_rewritten_only_on_real_change():
 def test_decide_is_deterministic():
     o = running(job_status=JobStatus.FAILED, failures=(Failure("worker_died", NOW, 1, 40, 0),))
     assert decide(o, FT, NOW) == decide(o, FT, NOW)
+
+
+# --------------------------------------------------------------------------- the ledger says what happened
+
+
+def test_every_mark_the_policy_makes_is_a_transition_the_ledger_allows():
+    """A decision the state machine refuses would be made again on every pass, and never applied."""
+    from controlplane.states import can_transition
+
+    marks = {
+        MarkRunning: RunState.RUNNING,
+        MarkRecovering: RunState.RECOVERING,
+        MarkSucceeded: RunState.SUCCEEDED,
+        MarkFailed: RunState.FAILED,
+        MarkStopped: RunState.STOPPED,
+    }
+    # (pending has no attempt yet; recovering always holds a pending restart: other tests)
+    for state in (RunState.PROVISIONING, RunState.RUNNING):
+        for status in JobStatus:
+            for end in (None, "succeeded", "failed"):
+                o = running(run_state=state, job_status=status, end_status=end, last_step=100 if end else 40)
+                for a in decide(o, FT, NOW):
+                    if type(a) in marks:
+                        assert can_transition(state, marks[type(a)]), (state, status, end, a)
+
+
+def test_a_run_that_finished_unwatched_succeeds_from_provisioning():
+    o = running(run_state=RunState.PROVISIONING, job_status=JobStatus.SUCCEEDED, end_status="succeeded", last_step=100)
+    assert decide(o, FT, NOW) == [MarkSucceeded("attempt 1 reached step 100")]
+
+
+@pytest.mark.parametrize("status", [JobStatus.MISSING, JobStatus.FAILED, JobStatus.STOPPED])
+def test_a_finished_run_is_never_trained_again_when_the_jobs_api_forgot_it(status):
+    o = running(run_state=RunState.PROVISIONING, job_status=status, end_status="succeeded", last_step=100)
+    acts = decide(o, FT, NOW)
+    assert acts == [MarkSucceeded("attempt 1 reached step 100")]
+    assert not any(isinstance(a, (Submit, Backoff, MarkRecovering)) for a in acts)
+
+
+def test_the_cause_is_the_last_failure_the_job_did_not_recover_from():
+    replaced = Failure("worker_died", NOW - 60, 1, step=69, rank=1, node="n1", recovered=True)
+    o = running(job_status=JobStatus.FAILED, failures=(replaced,), last_step=155)
+    acts = decide(o, FT, NOW)
+    rec = next(a for a in acts if isinstance(a, MarkRecovering))
+    assert rec.cause == "crash in attempt 1 at step 155"
+    inc = next(a for a in acts if isinstance(a, RecordIncident))
+    assert inc.kind == "crash" and inc.detail["step"] == 155
+    # an unrecovered one after it is the cause
+    later = Failure("worker_died", NOW - 5, 1, step=150, rank=0, node="n2")
+    acts = decide(running(job_status=JobStatus.FAILED, failures=(replaced, later), last_step=155), FT, NOW)
+    assert next(a for a in acts if isinstance(a, MarkRecovering)).cause == "worker_died in attempt 1 at step 150"
+
+
+def test_a_node_ray_reports_dead_is_excluded_with_ray_s_reason_and_the_attempt_moves():
+    why = "Unexpected termination: health check failed due to missing too many heartbeats"
+    o = running(attempt_nodes=("n1",), nodes=(NodeStatus("n1", dead=why),))
+    acts = decide(o, FT, NOW)
+    ex = next(a for a in acts if isinstance(a, ExcludeNode))
+    assert ex.node == "n1" and why in ex.evidence and "Ray" in ex.evidence
+    inc = next(a for a in acts if isinstance(a, RecordIncident))
+    assert inc.kind == "node_dead" and inc.detail["node"] == "n1"
+    assert any(isinstance(a, MarkRecovering) for a in acts)
+    # already excluded: nothing more to say
+    assert not decide(running(nodes=(NodeStatus("n1", excluded=True, dead=why),)), FT, NOW)
+
+
+def _waiting(cap, **kw):
+    from controlplane.supervisor.policy import Capacity
+
+    c = Capacity(*cap)
+    return running(
+        run_state=RunState.PROVISIONING,
+        job_status=JobStatus.RUNNING,
+        attempt_started_at=None,
+        last_step=0,
+        last_step_at=None,
+        capacity=c,
+        **kw,
+    )
+
+
+def test_an_attempt_asking_more_than_the_cluster_has_fails_with_the_figures():
+    cap = ((("CPU", 4.0),), (("CPU", 2.0),), (("CPU", 2.0),))
+    cfg = PolicyConfig(unschedulable_after_s=60, provision_timeout_s=600)
+    assert decide(_waiting(cap, attempt_submitted_at=NOW - 30), FT, NOW, config=cfg) == []  # still waiting
+    acts = decide(_waiting(cap, attempt_submitted_at=NOW - 61), FT, NOW, config=cfg)
+    fail = next(a for a in acts if isinstance(a, MarkFailed))
+    assert fail.cause.startswith("unschedulable") and "4 CPU asked, 2 free of 2" in fail.cause
+    assert StopJob(1, "unschedulable") in acts
+
+
+def test_an_attempt_waiting_for_resources_another_run_holds_gives_up_after_the_bound():
+    cap = ((("CPU", 2.0),), (("CPU", 4.0),), (("CPU", 0.0),))
+    cfg = PolicyConfig(unschedulable_after_s=60, provision_timeout_s=600)
+    o = _waiting(cap, attempt_submitted_at=NOW - 500)
+    assert decide(o, FT, NOW, config=cfg) == []  # no hang before its bound either
+    acts = decide(_waiting(cap, attempt_submitted_at=NOW - 601), FT, NOW, config=cfg)
+    fail = next(a for a in acts if isinstance(a, MarkFailed))
+    assert "waited 601s for resources" in fail.cause and "2 CPU asked, 0 free of 4" in fail.cause
+    # resources free: no judgement, the normal rules apply
+    free = ((("CPU", 2.0),), (("CPU", 4.0),), (("CPU", 2.0),))
+    assert not any(isinstance(a, MarkFailed) for a in decide(_waiting(free), FT, NOW, config=cfg))
