@@ -17,9 +17,9 @@ from typing import Any
 
 from controlplane.context import Context
 from controlplane.data import read_meta
-from controlplane.errors import CorruptFileError, UserError
+from controlplane.errors import ConfigurationError, CorruptFileError, UserError
 from controlplane.rundir import RunDir
-from controlplane.spec import RunSpec, dump_spec, read_record
+from controlplane.spec import RunSpec, dump_spec, job_refusals, read_record
 from controlplane.states import AttemptState, RunState
 
 
@@ -28,6 +28,9 @@ def new_run_id(name: str) -> str:
 
 
 def create_run(ctx: Context, spec: RunSpec, run_id: str | None = None) -> RunDir:
+    refused = job_refusals(spec)
+    if refused:
+        raise ConfigurationError(refused[0])
     dataset_dir = ctx.dataset_dir(spec.data.path)
     try:
         read_meta(dataset_dir)
