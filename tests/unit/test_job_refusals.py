@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -45,7 +47,7 @@ def test_what_the_job_implements_is_not_refused():
 
 
 def test_plan_still_accepts_tensor_and_pipeline_for_what_if(tmp_path):
-    run = yaml.safe_load(open(f"{REPO_EXAMPLES}/run-13b.yaml"))
+    run = yaml.safe_load(Path(f"{REPO_EXAMPLES}/run-13b.yaml").read_text())
     run["parallelism"].update(tensor=2, pipeline=2)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run))
