@@ -353,6 +353,11 @@ def job_refusals(run: RunSpec) -> list[str]:
                 f"parallelism.{name}: {getattr(par, name)} is not implemented by the pretraining job (only 1); "
                 "`llmctl plan` and `simulate` accept it for what-if planning"
             )
+    if run.power.cap_watts == "auto" and par.zero_stage >= 1:
+        out.append(
+            "power.cap_watts: 'auto' calibrates on a whole model before the process group forms, which a "
+            "sharded run (zero_stage >= 1) does not have; give a limit in W or null"
+        )
     if w.gpus_per_worker > 1:
         out.append(
             f"workers.gpus_per_worker: {w.gpus_per_worker:g} is not supported: the job runs one worker per GPU "

@@ -24,6 +24,7 @@ def spec(**parts) -> dict:
         ({"parallelism": {"tensor": 2}}, "parallelism.tensor"),
         ({"parallelism": {"pipeline": 2}}, "parallelism.pipeline"),
         ({"workers": {"num_workers": 2, "gpus_per_worker": 8}}, "workers.gpus_per_worker"),
+        ({"parallelism": {"zero_stage": 3}, "power": {"cap_watts": "auto"}}, "power.cap_watts"),
     ],
 )
 def test_run_submit_refuses_what_the_job_does_not_do_in_one_line(tmp_path, parts, field):
