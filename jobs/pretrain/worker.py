@@ -22,6 +22,7 @@ import signal
 import socket
 import threading
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ class TrainWorker(CheckpointMixin):
         self.pending_save: sharded.Pending | None = None
         self.group_tag = ""
         self.metric_loaded = False
+        self.counters = st.Counters(cursor=skip_forward(0, self.skips))  # the heartbeat reads it from the start
         if not self.sharded:  # a sharded model is built on its mesh, in join()
             self._build(None)
         self.rank: int | None = None
@@ -396,7 +398,10 @@ class TrainWorker(CheckpointMixin):
         while not self._stop.wait(HEARTBEAT_S):
             if self.rank is None:
                 continue  # a warm spare has no rank yet
-            self._emit("heartbeat", rank=self.rank, step=self.counters.step, pid=os.getpid(), node_id=self.node_id)
+            try:
+                self._emit("heartbeat", rank=self.rank, step=self.counters.step, pid=os.getpid(), node_id=self.node_id)
+            except Exception:  # a silent rank is taken for a hung one: the thread must outlive any error
+                traceback.print_exc()
             if self.fenced:
                 return
 
