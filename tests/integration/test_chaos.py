@@ -293,6 +293,8 @@ def test_kill_a_raylet_node(ctx):
         heads = {n["node_id"] for n in ray_cluster.status(ctx.cluster)["nodes"] if n["is_head"]}
         assert not {w["node_id"] for w in start["workers"]} & heads, "workers should be on the second node"
         wait_for(lambda: step_reached(rd, INTERVAL + 2), 120, f"step {INTERVAL + 2}")
+        # and its checkpoint committed (a sharded one is written by both ranks, then gathered)
+        wait_for(lambda: INTERVAL in ckpt.committed_steps(rd.checkpoints), 60, f"checkpoint {INTERVAL}")
         ray_cluster.kill_node(ctx.cluster, len(state.nodes) - 1)  # the raylet and its agents...
         for w in start["workers"]:  # ...and the worker processes it hosted, as a dead machine takes them
             kill(w["pid"])
