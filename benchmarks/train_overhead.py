@@ -7,7 +7,13 @@ Ray instance, with its heartbeats, events, metrics endpoint and (async) checkpoi
 throughput is read from its own `step` events. The baseline is measured before and after
 the job and averaged, so a noisy machine hurts both sides alike. Goal: ratio >= 0.95.
 
+With `--zero-stage S --workers N` (S >= 1) the job runs FSDP2 on N Ray workers and the baseline
+is a plain torch FSDP2 loop in N processes (gloo): the same `fully_shard` layout, model, batches
+(each rank its share of the global batch), optimizer, clipping and schedule, without Ray,
+heartbeats, events or checkpoints.
+
     python benchmarks/train_overhead.py [--preset tiny] [--seq-len 128] [--batch 16] [--steps 120] [--rounds 3]
+    python benchmarks/train_overhead.py --zero-stage 3 --workers 2
 """
 
 from __future__ import annotations
@@ -57,8 +63,66 @@ def plain_loop(run, dataset: Path, steps: int, warmup: int, threads: int) -> flo
     return (steps - warmup) * train.tokens_per_step / (time.perf_counter() - t0)
 
 
+def _fsdp_rank(rank: int, world: int, port: int, run_json: dict, dataset: str, steps: int, warmup: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from controlplane.data import read_meta
+    from controlplane.spec import RunSpec
+    from jobs.pretrain import parallelize as pz
+    from jobs.pretrain import state as st
+    from jobs.pretrain.dataset import TrainData
+
+    run = RunSpec.model_validate(run_json)
+    torch.set_num_threads(int(run.workers.cpus_per_worker))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    meta, train = read_meta(dataset), run.train
+    dims = run.model.resolve(vocab_size=meta["vocab_size"], max_seq_len=train.seq_len)
+    par = run.parallelism
+    model = pz.build(st.llama_config(dims, meta["bos_id"], meta["eos_id"]), run.seed, torch.device("cpu"), par,
+                     pz.data_mesh(world, par, "cpu"))  # fmt: skip
+    params = list(model.parameters())
+    opt, sched = st.build_optimizer(model, run, train.steps)
+    plan = TrainData([(Path(dataset), 1.0)], train.seq_len, train.global_batch_size, run.seed)
+    t0 = 0.0
+    for i in range(steps):
+        if i == warmup:
+            dist.barrier()
+            t0 = time.perf_counter()
+        batch = torch.from_numpy(plan.batch(i, rank, world))
+        logits = model(input_ids=batch[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss.backward()
+        pz.average(loss.detach(), world).item()
+        pz.clip_grad_norm(params, train.schedule.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    if rank == 0:
+        out.put((steps - warmup) * train.tokens_per_step / (time.perf_counter() - t0))
+    dist.destroy_process_group()
+
+
+def plain_fsdp(run, dataset: Path, steps: int, warmup: int) -> float:
+    """The plain FSDP2 loop on `num_workers` processes (each with the worker's thread count)."""
+    import torch.multiprocessing as mp
+
+    from controlplane.procs import free_port
+
+    world = run.workers.num_workers
+    os.environ["OMP_NUM_THREADS"] = str(int(run.workers.cpus_per_worker))
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    args = (world, free_port(), run.model_dump(mode="json"), str(dataset), steps, warmup, out)
+    mp.start_processes(_fsdp_rank, args=args, nprocs=world, join=True, start_method="spawn")
+    return float(out.get())
+
+
 def plain_subprocess(run, dataset: Path, steps: int, warmup: int, threads: int) -> float:
     """The plain loop in a fresh process with the thread settings a Ray worker gets (OMP_NUM_THREADS)."""
+    if run.parallelism.zero_stage >= 1:
+        return plain_fsdp(run, dataset, steps, warmup)
     code = (
         "import sys, json; from pathlib import Path; from controlplane.spec import RunSpec; "
         "from benchmarks.train_overhead import plain_loop; a = json.loads(sys.argv[1]); "
@@ -112,6 +176,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3))
+    p.add_argument("--workers", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3, help="Interleaved job/plain measurements (medians compared).")
     p.add_argument("--dataset", help="A prepared dataset directory (default: prepare a small manpages-ja one).")
     args = p.parse_args()
@@ -132,12 +198,15 @@ def main() -> None:
                 "name": "bench",
                 "model": {"preset": args.preset},
                 "train": {"max_steps": args.steps, "seq_len": args.seq_len, "global_batch_size": args.batch},
-                "workers": {"num_workers": 1, "cpus_per_worker": args.threads},
+                "workers": {"num_workers": args.workers, "cpus_per_worker": args.threads},
+                "parallelism": {"zero_stage": args.zero_stage},
                 "checkpoint": {"interval_steps": 10 * args.steps},
             }
         )
         plain, job = [plain_subprocess(run, dataset, args.steps, args.warmup, args.threads)], []
-        ctx = ray.init(address="local", num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False)
+        ctx = ray.init(
+            address="local", num_cpus=args.workers * args.threads + 1, include_dashboard=False, log_to_driver=False
+        )
         try:
             for i in range(args.rounds):  # interleaved, so drifting machine load hits both sides
                 job.append(
@@ -149,9 +218,10 @@ def main() -> None:
     base, mine = statistics.median(plain), statistics.median(job)
     # Each job run against the plain runs just before and after it: drift cancels pair by pair.
     pairs = [j / ((plain[i] + plain[i + 1]) / 2) for i, j in enumerate(job)]
-    print(f"model {args.preset}, seq_len {args.seq_len}, batch {args.batch}, {args.threads} thread(s)")
+    layout = f"zero_stage {args.zero_stage}, {args.workers} worker(s)"
+    print(f"model {args.preset}, seq_len {args.seq_len}, batch {args.batch}, {args.threads} thread(s), {layout}")
     print(f"plain torch loop : {base:10.1f} tokens/s  (median of {[round(x) for x in plain]})")
-    print(f"job, 1 Ray worker: {mine:10.1f} tokens/s  (median of {[round(x) for x in job]})")
+    print(f"job on Ray       : {mine:10.1f} tokens/s  (median of {[round(x) for x in job]})")
     print(f"ratio job/plain  : {mine / base:.3f}  (goal >= 0.95)")
     print(f"paired ratios    : {', '.join(f'{r:.3f}' for r in pairs)}  (median {statistics.median(pairs):.3f})")
 

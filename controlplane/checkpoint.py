@@ -5,7 +5,9 @@
         .staging-step_000000140-<nonce>/   being written; never loaded
 
 A writer fills a staging directory, then `commit()` hashes every file, writes
-`manifest.json` last, fsyncs, and renames the directory into place. A reader trusts a
+`manifest.json` last, fsyncs, and renames the directory into place. A sharded writer (one
+process per rank) hashes its own files where it wrote them (`hash_files`) and hands the
+entries to `commit(hashed=...)`, which hashes only what no rank did. A reader trusts a
 checkpoint only if `verify()` passes: every listed file present with its size and sha256.
 `newest_verified()` walks back from the newest step, so a partial or corrupt checkpoint
 is skipped in favour of the previous one. Torch-free: the job and the control plane share it.
@@ -20,6 +22,7 @@ import re
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,21 +61,47 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def staging_dir(root: Path, step: int) -> Path:
+def staging_dir(root: Path, step: int, tag: str | None = None) -> Path:
+    """A fresh staging directory; with `tag`, a name every rank of one save derives alike."""
     root.mkdir(parents=True, exist_ok=True)
-    path = root / f".staging-{step_dirname(step)}-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
+    path = root / f".staging-{step_dirname(step)}-{tag or uuid.uuid4().hex[:8]}"
+    path.mkdir(exist_ok=tag is not None)
     return path
 
 
-def commit(staging: Path, root: Path, step: int, meta: dict[str, Any] | None = None) -> CheckpointInfo:
-    """Hash the staged files, write the manifest last, and rename into place atomically."""
-    files: dict[str, dict[str, Any]] = {}
-    for p in sorted(staging.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-            files[str(p.relative_to(staging))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+def _entry(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _threads(n: int) -> int:
+    return max(1, min(n, 8, os.cpu_count() or 1))
+
+
+def hash_files(base: Path, paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """fsync and hash `paths` (under `base`) in parallel threads (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(_threads(len(paths))) as pool:
+        entries = list(pool.map(_entry, paths))
+    return {str(p.relative_to(base)): e for p, e in zip(paths, entries, strict=True)}
+
+
+def commit(
+    staging: Path,
+    root: Path,
+    step: int,
+    meta: dict[str, Any] | None = None,
+    hashed: dict[str, dict[str, Any]] | None = None,
+) -> CheckpointInfo:
+    """Hash the staged files (those not in `hashed`), write the manifest last, rename atomically."""
+    present = [p for p in sorted(staging.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    hashed = dict(hashed or {})
+    names = {str(p.relative_to(staging)) for p in present}
+    missing = sorted(set(hashed) - names)
+    if missing:
+        raise CheckpointCorrupt(f"{staging.name}: hashed files not staged: {', '.join(missing[:3])}")
+    files = {**hash_files(staging, [p for p in present if str(p.relative_to(staging)) not in hashed]), **hashed}
+    files = dict(sorted(files.items()))
     manifest = {
         "format": FORMAT_VERSION,
         "step": step,
@@ -114,15 +143,21 @@ def verify(path: Path, *, full: bool = True) -> CheckpointInfo:
     step = int(match.group(1))
     if manifest.get("step") != step:
         raise CheckpointCorrupt(f"{path.name}: manifest says step {manifest.get('step')}")
-    for name, entry in manifest["files"].items():
+    entries = manifest["files"]
+    for name, entry in entries.items():
         f = path / name
         if not f.is_file():
             raise CheckpointCorrupt(f"{path.name}: missing file {name}")
         size = f.stat().st_size
         if size != entry.get("bytes"):
             raise CheckpointCorrupt(f"{path.name}: {name} has {size} bytes, manifest says {entry.get('bytes')}")
-        if full and sha256_file(f) != entry.get("sha256"):
-            raise CheckpointCorrupt(f"{path.name}: {name} checksum mismatch")
+    if full:  # the shards of a sharded checkpoint are hashed in parallel
+        names = sorted(entries)
+        with ThreadPoolExecutor(_threads(len(names))) as pool:
+            sums = list(pool.map(lambda n: sha256_file(path / n), names))
+        for name, digest in zip(names, sums, strict=True):
+            if digest != entries[name].get("sha256"):
+                raise CheckpointCorrupt(f"{path.name}: {name} checksum mismatch")
     return CheckpointInfo(step, path, manifest)
 
 

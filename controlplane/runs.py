@@ -20,9 +20,9 @@ from typing import Any
 
 from controlplane.context import Context
 from controlplane.data.mixture import check_mixture
-from controlplane.errors import CorruptFileError, LlmctlError, UserError
+from controlplane.errors import ConfigurationError, CorruptFileError, LlmctlError, UserError
 from controlplane.rundir import RunDir
-from controlplane.spec import RunSpec, dump_spec, read_record
+from controlplane.spec import RunSpec, dump_spec, job_refusals, read_record
 from controlplane.states import AttemptState, RunState
 
 
@@ -30,7 +30,15 @@ def new_run_id(name: str) -> str:
     return f"{name}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
+def check_runnable(spec: RunSpec) -> None:
+    """Raise ConfigurationError (one line naming the field) for what the job does not implement."""
+    refused = job_refusals(spec)
+    if refused:
+        raise ConfigurationError(refused[0])
+
+
 def create_run(ctx: Context, spec: RunSpec, run_id: str | None = None) -> RunDir:
+    check_runnable(spec)
     datasets = resolve_datasets(ctx, spec)
     dataset_dir = datasets[0][0]
     run_id = run_id or new_run_id(spec.name)

@@ -52,9 +52,10 @@ def submit(
     json_: JsonOpt = False,
 ) -> None:
     """Record a run and submit its first attempt to the Ray cluster."""
-    from controlplane.runs import create_run, require_cluster, start_run
+    from controlplane.runs import check_runnable, create_run, require_cluster, start_run
 
     spec = load_spec(RunSpec, spec_file)
+    check_runnable(spec)  # a spec the job cannot run is wrong whatever the cluster's state
     ctx = Context.load(cluster)
     require_cluster(ctx)  # a cluster that is not up: one line, exit 2, nothing recorded
     run_dir = create_run(ctx, spec)

@@ -11,9 +11,14 @@ Conventions (stated once, used everywhere):
 - Energy: GPU energy = GPU-hours x average board power (TDP unless a measured figure is given);
   facility energy = GPU energy x PUE; CO2e = facility energy x grid intensity. Host CPUs, NICs
   and switches are not in the GPU figure; they are inside PUE only if the operator counts them so.
-- Memory per GPU (mixed-precision Adam, ZeRO paper conventions): bf16 weights 2 B/param, bf16
-  gradients 2 B/param, fp32 master weights + Adam moments 12 B/param; ZeRO stage 1 shards the 12,
-  stage 2 also the gradients, stage 3 also the weights, over the data-parallel group. Weights are
+- Memory per GPU, as the job lays it out (jobs/pretrain/parallelize.py, FSDP2 with bf16 compute
+  and fp32 reduction): fp32 weights 4 B/param, fp32 gradients 4 B/param, AdamW moments 8 B/param.
+  zero_stage 0 keeps all of them on every worker. Stages 1-3 shard all three over the
+  data-parallel group; stages 1 and 2 also hold the unsharded bf16 weights (2 B/param) from
+  forward to backward, stage 1 with accumulation holds unsharded gradients between micro-batches
+  (the reduce-scatter waits for the last one), and stage 3 holds two decoder layers unsharded at a
+  time (the one computing and the one prefetched). On a CPU the compute copy is fp32
+  (`compute_bytes=4`). `benchmarks/train_memory.py` measures this against the job. Weights are
   split evenly over tensor x pipeline. Activations per layer per micro-batch (Korthikanti et al.
   2022, "Reducing Activation Recomputation in Large Transformer Models", with flash attention so
   no seq^2 score term): s*b*h*(10 + 24/t) bytes with no checkpointing, 34*s*b*h/t with selective
@@ -43,9 +48,9 @@ from controlplane.planning.gpus import GpuModel, gpu
 from controlplane.spec import ClusterSpec, LlamaDims, ParallelismSpec, RunSpec
 from controlplane.supervisor.rules import young_daly_interval
 
-BYTES_WEIGHT = 2  # bf16 weights
-BYTES_GRAD = 2  # bf16 gradients
-BYTES_OPTIM = 12  # fp32 master weights + Adam m + Adam v
+BYTES_WEIGHT = 2  # bf16 compute copy of the weights
+BYTES_MASTER = 4  # fp32 weights and fp32 gradients (each)
+BYTES_ADAM = 8  # AdamW m + v, fp32
 BYTES_CHECKPOINT = 12  # fp32 weights + Adam m + v (the bf16 weights are a cast of them)
 SECONDS_PER_DAY = 86400.0
 
@@ -87,27 +92,36 @@ def memory_per_gpu(
     micro_batch: int,
     micro_batches_per_step: int,
     reserve_bytes: float = 2e9,
+    compute_bytes: int = BYTES_WEIGHT,
 ) -> dict[str, float]:
     """Bytes per GPU by component (see the module docstring for the model)."""
     t, p = par.tensor, par.pipeline
     dp = max(1, gpus // (t * p))
     params = dims.param_count() / (t * p)
-    shard_w = dp if par.zero_stage >= 3 else 1
-    shard_g = dp if par.zero_stage >= 2 else 1
-    shard_o = dp if par.zero_stage >= 1 else 1
+    shard = dp if par.zero_stage >= 1 else 1
+    layer = (params - dims.vocab_size * dims.hidden_size * (1 if dims.tie_embeddings else 2)) / max(1, dims.num_layers)
+    if par.zero_stage == 0:
+        unsharded = 0.0
+    elif par.zero_stage <= 2:
+        unsharded = compute_bytes * params
+    else:
+        unsharded = compute_bytes * 2 * layer
+    grads = BYTES_MASTER * params / (1 if par.zero_stage == 0 else dp)
+    if par.zero_stage == 1 and micro_batches_per_step > 1:
+        grads += compute_bytes * params  # accumulated unsharded until the last micro-batch
     s, b, h, L, V = seq_len, micro_batch, dims.hidden_size, dims.num_layers, dims.vocab_size
     sbh = float(s * b * h)
     layers_held = (L / p) * min(p, max(1, micro_batches_per_step))
     if par.activation_checkpointing == "none":
         per_layer, working = sbh * (10 + 24 / t), 0.0
-    elif par.activation_checkpointing == "selective":
-        per_layer, working = sbh * 34 / t, 0.0
+    elif par.activation_checkpointing == "selective":  # every second layer recomputed
+        per_layer, working = (sbh * (10 + 24 / t) + 2 * sbh / t) / 2, sbh * (10 + 24 / t)
     else:  # full: keep each layer's input, recompute one layer at a time in backward
         per_layer, working = 2 * sbh / t, sbh * 34 / t
     return {
-        "weights": params * BYTES_WEIGHT / shard_w,
-        "gradients": params * BYTES_GRAD / shard_g,
-        "optimizer": params * BYTES_OPTIM / shard_o,
+        "weights": BYTES_MASTER * params / shard + unsharded,
+        "gradients": grads,
+        "optimizer": BYTES_ADAM * params / shard,
         "activations": per_layer * layers_held + working,
         "logits": 6.0 * s * b * V / t,
         "reserve": reserve_bytes,

@@ -11,8 +11,11 @@
         llmctl_export.json       provenance: run, step, checkpoint checksum
 
 `transformers` (AutoModelForCausalLM / AutoTokenizer) and vLLM load the directory as is.
-Torch-free: the files are copied and the JSON written; nothing is deserialised. The export
-is written to a staging directory and renamed into place, and reused when the same
+A replicated checkpoint (zero_stage 0) is torch-free to export: its weights file is copied and
+the JSON written. A sharded one (zero_stage 1-3: DCP shards of every rank) is read on this
+machine without a cluster or a process group: the model's tensors are gathered from the shards
+by their global offsets (torch, lazily imported) and written as one safetensors file. The
+export is written to a staging directory and renamed into place, and reused when the same
 checkpoint was exported before.
 """
 
@@ -145,9 +148,9 @@ def export_checkpoint(run_dir: RunDir, step: int | None = None, out: Path | None
     """Write the newest (or the chosen) verified checkpoint as a Hugging Face model directory."""
     info = select_checkpoint(run_dir, step)
     out = Path(out) if out else run_dir.artifacts / f"export-{ckpt.step_dirname(info.step)}"
-    weights_sha = (info.manifest.get("files", {}).get("model.safetensors") or {}).get("sha256")
+    weights_sha = weights_key(info)
     if weights_sha is None:
-        raise CorruptFileError(f"run {run_dir.run_id}: checkpoint {info.step} has no model.safetensors")
+        raise CorruptFileError(f"run {run_dir.run_id}: checkpoint {info.step} has no model.safetensors nor DCP shards")
     marker = out / EXPORT_MARKER
     if marker.is_file():
         try:
@@ -174,7 +177,7 @@ def export_checkpoint(run_dir: RunDir, step: int | None = None, out: Path | None
     ids = {role: _token_id(tokenizer_json, tok) for role, tok in specials.items()}
     config["architectures"] = ["LlamaForCausalLM"]
     config["model_type"] = "llama"
-    dtype = safetensors_dtype(info.path / "model.safetensors")
+    dtype = None if is_sharded(info) else safetensors_dtype(info.path / "model.safetensors")
     if dtype:
         config["torch_dtype"] = dtype
     for role in ("bos", "eos", "pad"):
@@ -204,7 +207,10 @@ def export_checkpoint(run_dir: RunDir, step: int | None = None, out: Path | None
     staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        shutil.copyfile(info.path / "model.safetensors", staging / "model.safetensors")
+        if is_sharded(info):
+            config["torch_dtype"] = gather_sharded_weights(info.path, staging / "model.safetensors")
+        else:
+            shutil.copyfile(info.path / "model.safetensors", staging / "model.safetensors")
         shutil.copyfile(tok_path, staging / "tokenizer.json")
         (staging / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
         files = {
@@ -225,6 +231,57 @@ def export_checkpoint(run_dir: RunDir, step: int | None = None, out: Path | None
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return Exported(out, run_dir.run_id, info.step, version_name(run_dir.run_id, info.step), reused=False)
+
+
+def is_sharded(info: ckpt.CheckpointInfo) -> bool:
+    return ".metadata" in info.manifest.get("files", {})
+
+
+def weights_key(info: ckpt.CheckpointInfo) -> str | None:
+    """What identifies a checkpoint's weights: the weights file's sha256, or for a sharded
+    checkpoint one sha256 over its shards' (they and the index fix the tensors)."""
+    import hashlib
+
+    files = info.manifest.get("files", {})
+    if "model.safetensors" in files:
+        return files["model.safetensors"].get("sha256")
+    if not is_sharded(info):
+        return None
+    shards = sorted((n, e.get("sha256", "")) for n, e in files.items() if n.endswith(".distcp") or n == ".metadata")
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+
+
+def gather_sharded_weights(path: Path, out_file: Path) -> str:
+    """The model's full tensors from a verified DCP checkpoint, as one safetensors file; its dtype.
+
+    No process group: DCP reads every tensor's pieces from all ranks' shards by their offsets."""
+    try:
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from safetensors.torch import save_file
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    except ImportError as exc:
+        from controlplane.errors import MissingDependencyError
+
+        raise MissingDependencyError(f"exporting a sharded checkpoint needs torch and safetensors ({exc})") from None
+    reader = dcp.FileSystemReader(str(path))
+    try:
+        metadata = reader.read_metadata()
+    except Exception as exc:
+        raise CorruptFileError(f"{path}: unreadable DCP index ({type(exc).__name__})") from None
+    prefix = "model."
+    state = {
+        key: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        for key, m in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+    }
+    if not state:
+        raise CorruptFileError(f"{path}: the DCP checkpoint holds no model tensors")
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    tensors = {key[len(prefix) :]: t.contiguous() for key, t in state.items()}
+    save_file(tensors, str(out_file))
+    dtype = next(iter(tensors.values())).dtype
+    return str(dtype).removeprefix("torch.")
 
 
 def read_provenance(model_dir: Path) -> dict[str, Any]:

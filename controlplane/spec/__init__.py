@@ -62,6 +62,7 @@ from controlplane.spec.run import (  # noqa: F401
     ScheduleSpec,
     TrainSpec,
     WorkersSpec,
+    job_refusals,
 )
 
 SPEC_KINDS: dict[str, type[StrictModel]] = {"cluster": ClusterSpec, "run": RunSpec, "rollout": RolloutSpec}

@@ -187,6 +187,22 @@ class WorkersSpec(StrictModel):
     spare_workers: int = Field(
         0, ge=0, le=8, description="Warm spare workers kept alive to replace a failed one quickly."
     )
+    min_workers: PositiveInt | None = Field(
+        None,
+        description="Fewest data-parallel workers an attempt may start with when excluded nodes leave too "
+        "few (same global batch: more accumulation per worker); null means num_workers (no shrinking).",
+    )
+
+    @property
+    def floor(self) -> int:
+        """The fewest workers an attempt may run with."""
+        return self.min_workers or self.num_workers
+
+    @model_validator(mode="after")
+    def _min_not_above(self) -> WorkersSpec:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) must not exceed num_workers ({self.num_workers})")
+        return self
 
 
 class CheckpointSpec(StrictModel):
@@ -202,24 +218,50 @@ class CheckpointSpec(StrictModel):
 
 class ParallelismSpec(StrictModel):
     """How the model is split across GPUs. The data-parallel degree is derived:
-    GPUs / (tensor x pipeline)."""
+    GPUs / (tensor x pipeline). The pretraining job implements data parallelism (zero_stage,
+    replicate, activation_checkpointing); `run submit` refuses tensor or pipeline > 1, which
+    `llmctl plan` and `simulate` accept for what-if planning."""
 
-    tensor: PositiveInt = Field(1, le=64, description="Tensor-parallel degree (GPUs sharing each layer).")
-    pipeline: PositiveInt = Field(1, le=256, description="Pipeline-parallel stages (num_layers must divide).")
-    zero_stage: Literal[0, 1, 2, 3] = Field(
+    tensor: PositiveInt = Field(
         1,
-        description="ZeRO sharding over the data-parallel group: 0 none, 1 optimizer states, "
-        "2 also gradients, 3 also weights (FSDP full sharding).",
+        le=64,
+        description="Tensor-parallel degree (GPUs sharing each layer). Planning only: `run submit` refuses > 1.",
+    )
+    pipeline: PositiveInt = Field(
+        1,
+        le=256,
+        description="Pipeline-parallel stages (num_layers must divide). Planning only: `run submit` refuses > 1.",
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        0,
+        description="Sharding over the data-parallel group (FSDP2 in the job): 0 replicates weights, gradients "
+        "and Adam state on every worker (one all-reduce per step); 1 shards Adam state and gradients, keeps "
+        "the unsharded weights from forward to backward and defers the gradient reduce-scatter to the last "
+        "micro-batch; 2 is 1 with a reduce-scatter per micro-batch (gradients stay sharded while "
+        "accumulating); 3 also shards the weights (all-gathered per layer, freed after use). Stages 1-3 "
+        "write sharded (DCP) checkpoints that resume on any number of workers.",
+    )
+    replicate: PositiveInt = Field(
+        1,
+        description="HSDP: replica groups. Stages 1-3 shard over num_workers / replicate workers and "
+        "replicate across the groups (e.g. shard within a node, replicate across nodes); must divide "
+        "num_workers; 1 shards over all workers.",
     )
     activation_checkpointing: Literal["none", "selective", "full"] = Field(
         "none",
-        description="'none' keeps every activation; 'selective' recomputes attention and shards the "
-        "rest over the tensor group (sequence parallel); 'full' keeps only each layer's input.",
+        description="'none' keeps every activation; 'full' recomputes every decoder layer in backward (keeps "
+        "only each layer's input); 'selective' recomputes every second decoder layer.",
     )
 
     @property
     def model_parallel(self) -> int:
         return self.tensor * self.pipeline
+
+    @model_validator(mode="after")
+    def _replicate_needs_sharding(self) -> ParallelismSpec:
+        if self.replicate > 1 and self.zero_stage == 0:
+            raise ValueError("replicate > 1 (HSDP) needs zero_stage 1, 2 or 3; zero_stage 0 replicates already")
+        return self
 
 
 class FaultToleranceSpec(StrictModel):
@@ -318,6 +360,10 @@ class RunSpec(StrictModel):
         mp = self.parallelism.model_parallel
         if mp > 1 and gpus % mp:
             raise ValueError(f"parallelism: tensor x pipeline ({mp}) must divide the GPUs of the run ({gpus})")
+        if n % self.parallelism.replicate:
+            raise ValueError(
+                f"parallelism.replicate ({self.parallelism.replicate}) must divide workers.num_workers ({n})"
+            )
         for fault in self.faults:
             if fault.rank >= n:
                 raise ValueError(f"faults: rank {fault.rank} does not exist with {n} workers")
@@ -327,3 +373,33 @@ class RunSpec(StrictModel):
     def world_gpus(self) -> int:
         """GPUs the run trains on: workers x GPUs per worker (0 for a CPU run)."""
         return int(self.workers.num_workers * self.workers.gpus_per_worker)
+
+
+def job_refusals(run: RunSpec) -> list[str]:
+    """What the pretraining job does not implement, one line each naming the field (empty: runnable).
+
+    `run submit` refuses such a spec; `llmctl plan` and `simulate` accept it for what-if planning."""
+    out = []
+    par, w = run.parallelism, run.workers
+    for name in ("tensor", "pipeline"):
+        if getattr(par, name) > 1:
+            out.append(
+                f"parallelism.{name}: {getattr(par, name)} is not implemented by the pretraining job (only 1); "
+                "`llmctl plan` and `simulate` accept it for what-if planning"
+            )
+    if run.power.cap_watts == "auto" and par.zero_stage >= 1:
+        out.append(
+            "power.cap_watts: 'auto' calibrates on a whole model before the process group forms, which a "
+            "sharded run (zero_stage >= 1) does not have; give a limit in W or null"
+        )
+    if w.min_workers is not None and w.min_workers < w.num_workers:
+        out.append(
+            f"workers.min_workers: {w.min_workers} below num_workers ({w.num_workers}) is not supported yet: "
+            "an attempt runs on num_workers workers (leave min_workers unset)"
+        )
+    if w.gpus_per_worker > 1:
+        out.append(
+            f"workers.gpus_per_worker: {w.gpus_per_worker:g} is not supported: the job runs one worker per GPU "
+            "(set 1 and raise num_workers)"
+        )
+    return out

@@ -7,7 +7,6 @@ supervisor resubmits). See README.md in this package for the recovery protocol.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import statistics
 import time
@@ -19,8 +18,9 @@ from controlplane import checkpoint as ckpt
 from controlplane.rundir import FencedError, RunDir
 from controlplane.spec import RunSpec, read_record
 from jobs.pretrain.events import EXIT_CRASH, EXIT_FENCED, EXIT_NUMERICAL, EXIT_OK, EventLog
-from jobs.pretrain.placement import WorkerFactory
+from jobs.pretrain.placement import PLACE_TIMEOUT_S, WorkerFactory
 from jobs.pretrain.schedule import NumericGuard, StragglerDetector
+from jobs.pretrain.world import WorldMixin
 
 DEFAULT_INTERVAL = 25
 PIPELINE_DEPTH = 2
@@ -65,7 +65,7 @@ class Pending:
 
 
 @dataclass
-class Driver:
+class Driver(WorldMixin):
     run_dir: RunDir
     attempt: int
     max_resume_step: int | None = None
@@ -97,6 +97,8 @@ class Driver:
         self.injected: dict[tuple[int, int], tuple[float, int | None]] = {}
         self.hb_step: dict[int, int] = {}
         self.metrics_url: str | None = None
+        self.sharded = self.run.parallelism.zero_stage >= 1
+        self.groups = 0  # process groups formed in this attempt (names their checkpoint staging)
         self.workers = WorkerFactory(
             self.run,
             {
@@ -120,7 +122,11 @@ class Driver:
         import ray
 
         addr, port = ray.get(self.slots[0].actor.free_port.remote(), timeout=60)
-        refs = {r: s.actor.join.remote(addr, port, r, self.world, self.pg_timeout_s) for r, s in self.slots.items()}
+        self.groups += 1
+        tag = f"g{self.groups}"
+        refs = {
+            r: s.actor.join.remote(addr, port, r, self.world, self.pg_timeout_s, tag) for r, s in self.slots.items()
+        }
         return {r: ray.get(ref, timeout=120) for r, ref in refs.items()}
 
     # ------------------------------------------------------------------ main
@@ -158,22 +164,20 @@ class Driver:
         started = [self.workers.spawn(drills=True) for _ in range(self.world)]
         for _ in range(self.run.workers.spare_workers):
             self.spares.append(self.workers.spawn(drills=False))
+        started = self._elastic(started)
         for rank, (actor, ref) in enumerate(started):
             try:
-                i = ray.get(ref, timeout=600)
+                i = ray.get(ref, timeout=PLACE_TIMEOUT_S)
             except ray.exceptions.GetTimeoutError:
                 raise RuntimeError(
-                    f"worker {rank} could not be placed within 600 s{self.workers.exclusions()}"
+                    f"worker {rank} could not be placed within {PLACE_TIMEOUT_S:.0f} s{self.workers.exclusions()}"
                 ) from None
             self.slots[rank] = Slot(rank, actor, i["pid"], i["node_id"], i["node_ip"])
         self.metrics_url = self._form_group()[0].get("metrics_url")
         if self.spares:  # warm means ready: give the spares a bounded time to finish starting
             ray.wait([ref for _, ref in self.spares], num_returns=len(self.spares), timeout=SPARE_START_S)
         if info is not None:
-            ray.get([s.actor.load_checkpoint.remote(str(info.path)) for s in self.slots.values()], timeout=600)
-            trainer = json.loads((info.path / "trainer_state.json").read_text())
-            self.step, self.tokens, self.loss = trainer["step"], trainer["tokens"], trainer.get("loss")
-            self.guard.load(trainer.get("loss_history", []))
+            self._load(info)
         self.events.emit(
             "start",
             resume_step=self.step,
@@ -289,8 +293,9 @@ class Driver:
             # Not awaited: rank 0 runs it before its next step (actor calls run in order) and the
             # next steps are queued at once; the reply is collected on a later step.
             c = self.run.checkpoint
-            ref = self.slots[0].actor.checkpoint.remote(step_no, self.guard.state(), c.async_save, c.keep_last)
-            self.ckpt_call = (step_no, ref)
+            savers = self.slots.values() if self.sharded else [self.slots[0]]  # sharded: every rank its shards
+            refs = [s.actor.checkpoint.remote(step_no, self.guard.state(), c.async_save, c.keep_last) for s in savers]
+            self.ckpt_call = (step_no, refs)
             self.interval = checkpoint_interval(self.run, self.run_dir)
         return None
 
@@ -301,15 +306,16 @@ class Driver:
 
         if self.ckpt_call is None:
             return
-        step_no, ref = self.ckpt_call
+        step_no, refs = self.ckpt_call
         try:
-            res = ray.get(ref, timeout=timeout)
+            replies = ray.get(refs, timeout=timeout)
+            res = next((r for r in replies if not r.get("ok")), replies[0])
         except GetTimeoutError:
             return
         except RayActorError as exc:
-            # Rank 0 died mid-checkpoint: this checkpoint never commits (its staging dir is never
+            # A saver died mid-checkpoint: this checkpoint never commits (its staging dir is never
             # loaded), and the next step finds the dead actor and replaces it in-attempt.
-            res = {"ok": False, "error": f"rank 0 died while checkpointing: {type(exc).__name__}"}
+            res = {"ok": False, "error": f"a worker died while checkpointing: {type(exc).__name__}"}
         self.ckpt_call = None
         if not res.get("ok"):
             self.events.emit("checkpoint_failed", step=step_no, error=res.get("error"))
@@ -470,13 +476,16 @@ class Driver:
         survivors = [r for r in survivors if r in status]
         src = max(survivors, key=lambda r: status[r]["step"])
         src_step = status[src]["step"]
-        self.metrics_url = self._form_group()[0].get("metrics_url")
-        ray.get([s.actor.sync_state.remote(src) for s in self.slots.values()], timeout=600)
-        ray.get([s.actor.disarm.remote(src_step + 1) for s in self.slots.values()], timeout=60)
+        if self.sharded:
+            self._reload_in_place(max(src_step, self.step) + 1)
+        else:
+            self.metrics_url = self._form_group()[0].get("metrics_url")
+            ray.get([s.actor.sync_state.remote(src) for s in self.slots.values()], timeout=600)
+            ray.get([s.actor.disarm.remote(src_step + 1) for s in self.slots.values()], timeout=60)
         for p in replaced:
             self.slots[0].actor.note_restart.remote(p.cause)
         caught_up = None
-        if src_step > self.step:
+        if src_step > self.step and not self.sharded:
             last = {r: status[r]["last"] for r in survivors if (status[r]["last"] or {}).get("step") == src_step}
             caught_up = (src_step, last)
         return replaced, caught_up

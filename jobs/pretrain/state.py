@@ -61,12 +61,12 @@ def llama_config(dims: LlamaDims, bos_id: int | None = None, eos_id: int | None 
 
 
 def build_model(config: Any, seed: int, device: torch.device):
-    """Same seed -> bitwise the same initial weights (fp32 master weights)."""
-    from transformers import LlamaForCausalLM
+    """A replicated model (zero_stage 0): same seed -> bitwise the same initial weights (fp32), the
+    same ones a sharded build starts from (see `parallelize.init_weights`)."""
+    from controlplane.spec import ParallelismSpec
+    from jobs.pretrain.parallelize import build
 
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    return model.to(device)
+    return build(config, seed, device, ParallelismSpec(), None)
 
 
 def build_optimizer(model: torch.nn.Module, run: RunSpec, total_steps: int):
@@ -301,16 +301,29 @@ def persist(
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
     torch.save({"optimizer": state["optimizer"], "scheduler": state["scheduler"]}, staging / OPTIMIZER_FILE)
     torch.save(state["rng"], staging / RNG_FILE)
-    c = state["counters"]
-    trainer = {
+    trainer = {**trainer_record(state["counters"]), **extra}
+    (staging / TRAINER_FILE).write_text(json.dumps(trainer, indent=1, sort_keys=True))
+
+
+def trainer_record(c: dict[str, Any]) -> dict[str, Any]:
+    """`trainer_state.json`'s counters from `Counters.as_dict()`."""
+    return {
         "step": c["step"],
         "tokens": c["tokens"],
         "loss": c["loss"],
         "data_cursor": c["cursor"],
         "loss_history": c["loss_history"],
-        **extra,
     }
-    (staging / TRAINER_FILE).write_text(json.dumps(trainer, indent=1, sort_keys=True))
+
+
+def counters_of(trainer: dict[str, Any]) -> Counters:
+    return Counters(
+        step=trainer["step"],
+        tokens=trainer["tokens"],
+        cursor=trainer["data_cursor"],
+        loss=trainer.get("loss"),
+        loss_history=list(trainer.get("loss_history", [])),
+    )
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,21 +1,23 @@
-"""One data-parallel training replica, run as a Ray actor.
+"""One data-parallel training rank, run as a Ray actor.
 
-The actor owns a model replica, its optimizer and scheduler, a memory-mapped view of the
-token shards and a heartbeat thread. The driver calls `step(n)` once per global step
-(pipelined: the next call is queued before the previous one returns); gradients and the
-loss travel in ONE flat all-reduce. A collective that fails because a peer died marks the
-replica `broken` (it keeps its weights, drops the half-done gradient) until the driver
-re-forms the process group with `join()` and realigns every replica with `sync_state()`.
-Rank 0 also serves the metrics and writes checkpoints (stage to host buffers at the step
-boundary, copy and persist in a thread; the next optimizer step waits for the copy only).
+The actor owns its part of the model (all of it with zero_stage 0, its FSDP2 shards with 1-3),
+its optimizer and scheduler, a memory-mapped view of the token shards and a heartbeat thread.
+The driver calls `step(n)` once per global step (pipelined: the next call is queued before the
+previous one returns). Replicated, gradients and the loss travel in ONE flat all-reduce;
+sharded, FSDP2 reduce-scatters the gradients (see `parallelize.py`). A collective that fails
+because a peer died marks the rank `broken` (it drops the half-done gradient) until the driver
+re-forms the process group with `join()`. Then a replicated run realigns every replica from a
+survivor's memory (`sync_state()`); a sharded run rebuilds its model on the new mesh and every
+rank reloads the newest verified checkpoint (`load_checkpoint()`).
+Rank 0 serves the metrics. Checkpoints: replicated, rank 0 writes the full state (stage to host
+buffers at the step boundary, copy and persist in a thread; the next optimizer step waits for
+the copy only); sharded, every rank writes its own shards (`sharded.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import queue
-import shutil
 import signal
 import socket
 import threading
@@ -30,19 +32,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from controlplane import checkpoint as ckpt
 from controlplane.rundir import FencedError, RunDir
 from controlplane.spec import RunSpec, read_record
+from jobs.pretrain import parallelize as pz
+from jobs.pretrain import sharded
 from jobs.pretrain import state as st
 from jobs.pretrain.dataset import dataset_meta, open_train_data
 from jobs.pretrain.events import EventLog
 from jobs.pretrain.logs import capture as capture_output
+from jobs.pretrain.saving import CheckpointMixin, Writer
 from jobs.pretrain.schedule import advance_cursor, skip_forward
 
 HEARTBEAT_S = 1.0
 
 
-class TrainWorker:
+class TrainWorker(CheckpointMixin):
     def __init__(self, job: dict[str, Any]) -> None:
         capture_output(job["run_dir"], job["attempt"], f"worker-{os.getpid()}")  # ranks: in the start event
         self.job = job
@@ -63,12 +67,16 @@ class TrainWorker:
         self.data = open_train_data(job, train.seq_len, train.global_batch_size, self.run.seed)
         dims = self.run.model.resolve(vocab_size=meta["vocab_size"], max_seq_len=train.seq_len)
         self.config = st.llama_config(dims, meta.get("bos_id"), meta.get("eos_id"))
-        self.model = st.build_model(self.config, self.run.seed, self.device)
-        self.model.train()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.total_steps: int = job["total_steps"]
-        self.optimizer, self.scheduler = st.build_optimizer(self.model, self.run, self.total_steps)
-        self.counters = st.Counters(cursor=skip_forward(0, self.skips))
+        self.par = self.run.parallelism
+        self.sharded = self.par.zero_stage >= 1
+        self.ckpt_group: Any = None
+        self.pending_save: sharded.Pending | None = None
+        self.group_tag = ""
+        self.metric_loaded = False
+        self.counters = st.Counters(cursor=skip_forward(0, self.skips))  # the heartbeat reads it from the start
+        if not self.sharded:  # a sharded model is built on its mesh, in join()
+            self._build(None)
         self.rank: int | None = None
         self.world = 0
         self.broken = False
@@ -77,7 +85,7 @@ class TrainWorker:
         self.drills = [(i, f) for i, f in self.drills if f.attempt == self.attempt]
         self.fired: set[int] = set()
         self.metrics = None
-        self.writer = _Writer()
+        self.writer = Writer()
         self.staging = st.HostStaging()
         self.ckpt_failures = 0
         self.last_ckpt: dict[str, Any] | None = None
@@ -90,6 +98,14 @@ class TrainWorker:
         self._stop = threading.Event()
         self._hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._hb.start()
+
+    def _build(self, mesh: Any) -> None:
+        """The model (on the meta device, then this rank's part), optimizer, scheduler, counters."""
+        self.model = pz.build(self.config, self.run.seed, self.device, self.par, mesh, self.run.train.precision)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = st.build_optimizer(self.model, self.run, self.total_steps)
+        self.counters = st.Counters(cursor=skip_forward(0, self.skips))
 
     def _start_telemetry(self) -> Any:
         """GPU claim, power policy and energy meter (no-ops on CPU); never fails the job."""
@@ -149,12 +165,16 @@ class TrainWorker:
             "last": self.last_result,
         }
 
-    def join(self, addr: str, port: int, rank: int, world: int, timeout_s: float) -> dict[str, Any]:
-        """(Re-)form the process group: a fresh TCP store at addr:port, this replica as `rank`."""
+    def join(self, addr: str, port: int, rank: int, world: int, timeout_s: float, tag: str = "") -> dict[str, Any]:
+        """(Re-)form the process group: a fresh TCP store at addr:port, this replica as `rank`.
+
+        Sharded: the model is (re)built on the new mesh from the seed; the driver then has every
+        rank load the newest verified checkpoint. `tag` names this group's checkpoint staging.
+        """
         if dist.is_initialized():
             with contextlib.suppress(Exception):  # a group broken by a dead peer may not tear down cleanly
                 dist.destroy_process_group()
-        if world > 1:
+        if world > 1 or self.sharded:
             dist.init_process_group(
                 self.backend,
                 init_method=f"tcp://{addr}:{port}",
@@ -162,7 +182,12 @@ class TrainWorker:
                 world_size=world,
                 timeout=timedelta(seconds=timeout_s),
             )
-        self.rank, self.world, self.broken = rank, world, False
+        self.rank, self.world, self.broken, self.group_tag = rank, world, False, tag
+        if self.sharded:
+            # A write still in flight belongs to the old group: abandoned (never committed).
+            self.writer, self.pending_save = Writer(), None
+            self.ckpt_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+            self._build(pz.data_mesh(world, self.par, self.device.type))
         self.optimizer.zero_grad(set_to_none=True)
         self._emit("heartbeat", rank=rank, step=self.counters.step, pid=os.getpid(), node_id=self.node_id)
         url = None
@@ -176,6 +201,13 @@ class TrainWorker:
         return {"rank": rank, "metrics_url": url, "pid": os.getpid()}
 
     def load_checkpoint(self, path: str) -> int:
+        if self.sharded:  # also in place after a failure: the token metric counts a reload once
+            self.counters = sharded.load(Path(path), self.model, self.optimizer, self.scheduler)
+            self.counters.cursor = skip_forward(self.counters.cursor, self.skips)
+            if self.metrics is not None and not self.metric_loaded:
+                self.metrics.tokens.inc(self.counters.tokens)
+            self.metric_loaded = True
+            return self.counters.step
         state = st.load(Path(path))
         self.staging.guard()
         self.counters = st.restore(state, self.model, self.optimizer, self.scheduler)
@@ -262,20 +294,32 @@ class TrainWorker:
         batch = batch.to(self.device, non_blocking=True)
         nan = self._armed("nan_loss", step_no) is not None
         local = torch.zeros((), device=self.device)
-        for i in range(n_micro):
-            chunk = batch[i * micro : (i + 1) * micro]
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits = self.model(input_ids=chunk[:, :-1]).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
-            if nan:
-                loss = loss * float("nan")
-            (loss / n_micro).backward()
-            local += loss.detach() / n_micro
-        slow = self._armed("slow_worker", step_no)
-        if slow is not None:
-            time.sleep(slow.seconds)
-        compute_s = time.perf_counter() - t0
-        if self.world > 1:
+        autocast = self.autocast and not (self.sharded and self.device.type == "cuda")  # FSDP2 casts itself
+        try:
+            for i in range(n_micro):
+                chunk = batch[i * micro : (i + 1) * micro]
+                pz.set_gradient_sync(self.model, self.par.zero_stage, last_micro=i == n_micro - 1)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                    logits = self.model(input_ids=chunk[:, :-1]).logits
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
+                if nan:
+                    loss = loss * float("nan")
+                (loss / n_micro).backward()
+                local += loss.detach() / n_micro
+            slow = self._armed("slow_worker", step_no)
+            if slow is not None:
+                time.sleep(slow.seconds)
+            compute_s = time.perf_counter() - t0
+            if self.sharded:  # FSDP2 reduce-scattered the gradients in backward
+                loss_value = float(pz.average(local, self.world).item())
+                grad_norm = pz.clip_grad_norm(self.params, self.run.train.schedule.grad_clip)
+        except RuntimeError as exc:  # a peer died inside a collective (gloo/nccl raise RuntimeError kinds)
+            if self.world <= 1:
+                raise
+            self.broken = True
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"ok": False, "rank": self.rank, "error": f"collective failed: {str(exc)[:200]}"}
+        if not self.sharded and self.world > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
             flat = torch.cat([g.reshape(-1) for g in grads] + [local.reshape(1).to(grads[0].dtype)])
             try:
@@ -293,9 +337,10 @@ class TrainWorker:
             for p, g in zip(self.params, grads, strict=True):
                 p.grad = g
             loss_value = float(flat[-1].item())
-        else:
+        elif not self.sharded:
             loss_value = float(local.item())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.run.train.schedule.grad_clip))
+        if not self.sharded:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.run.train.schedule.grad_clip))
         lr = self.scheduler.get_last_lr()[0]
         self.staging.guard()  # a checkpoint's copy of the weights must be complete before they change
         self.optimizer.step()
@@ -342,83 +387,6 @@ class TrainWorker:
     def param_count(self) -> int:
         return sum(p.numel() for p in self.params)
 
-    # ------------------------------------------------------------------ checkpoints (rank 0)
-
-    def checkpoint(self, step_no: int, loss_history: list[float], async_save: bool, keep_last: int) -> dict[str, Any]:
-        """Save the state at this step boundary.
-
-        Async: record the RNG state and return; a thread copies the rest to host buffers while
-        the next forward/backward runs (the optimizer step waits for it), then persists them.
-        Sync: write from the live tensors before returning.
-        """
-        if self.counters.step != step_no or self.broken:
-            return {"ok": False, "error": f"replica at step {self.counters.step}, asked to save {step_no}"}
-        t0 = time.perf_counter()
-        self.flush()  # one write at a time: a still-running previous write blocks here
-        self.counters.loss_history = list(loss_history)
-        parts = (self.model, self.optimizer, self.scheduler, self.counters)
-        enospc = self._armed("checkpoint_enospc", step_no) is not None if self.rank is not None else False
-        timing: dict[str, float] = {}
-        if async_save:
-            self.staging.stage(*parts)
-            args = (None, step_no, timing, True, keep_last, enospc)
-            self.writer.submit(self._persist, *args)
-            timing["call_s"] = time.perf_counter() - t0  # read by the thread only after the guard
-        else:
-            state = st.live_state(*parts)
-            timing["call_s"] = time.perf_counter() - t0
-            self._persist(state, step_no, timing, False, keep_last, enospc)
-        return {"ok": True, "call_s": timing["call_s"]}
-
-    def _persist(self, state, step, timing, async_save, keep_last, enospc) -> None:
-        root = self.events.run_dir.checkpoints
-        t0 = time.perf_counter()
-        staging = None
-        try:
-            if async_save:
-                state = self.staging.fill()
-            self.events.check()
-            staging = ckpt.staging_dir(root, step)
-            c = state["counters"]
-            extra = {"seed": self.run.seed, "world_size": self.world, "attempt": self.attempt}
-            st.persist(state, staging, config=self.config.to_dict(), extra=extra, fail_enospc=enospc)
-            self.events.check()
-            meta = {"loss": c["loss"], "tokens": c["tokens"], "attempt": self.attempt}
-            info = ckpt.commit(staging, root, step, meta)
-            staging = None
-            ckpt.prune(root, keep_last)
-            persist_s = time.perf_counter() - t0
-            self.last_ckpt = {"step": step, "path": str(info.path)}
-            # Blocked: the save call, plus (async) the optimizer step's wait for the copy, known
-            # once training passed that point; (sync) the whole write.
-            held = self.staging.wait_released() if async_save else persist_s
-            blocking_s = timing["call_s"] + held
-            if self.metrics is not None:
-                self.metrics.ckpt.set(blocking_s)
-            self._emit(
-                "checkpoint",
-                step=step,
-                path=str(info.path),
-                bytes=info.bytes,
-                blocking_s=round(blocking_s, 6),
-                persist_s=round(persist_s, 6),
-                **({"copy_wait_s": round(held, 6)} if async_save else {}),
-                **{"async": async_save},
-            )
-            self.ckpt_failures = 0
-        except FencedError:
-            self.fenced = True
-        except Exception as exc:
-            self.ckpt_failures += 1
-            self._emit("checkpoint_failed", step=step, error=f"{type(exc).__name__}: {exc}")
-        finally:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
-
-    def flush(self) -> None:
-        self.staging.release()  # the caller changes no state until the write below is done
-        self.writer.wait()
-
     # ------------------------------------------------------------------ heartbeats
 
     def _emit(self, type_: str, **fields: Any) -> None:
@@ -431,39 +399,12 @@ class TrainWorker:
         while not self._stop.wait(HEARTBEAT_S):
             if self.rank is None:
                 continue  # a warm spare has no rank yet
-            self._emit("heartbeat", rank=self.rank, step=self.counters.step, pid=os.getpid(), node_id=self.node_id)
+            try:
+                self._emit("heartbeat", rank=self.rank, step=self.counters.step, pid=os.getpid(), node_id=self.node_id)
+            except Exception:  # a silent rank is taken for a hung one: the thread must outlive any error
+                traceback.print_exc()
             if self.fenced:
                 return
-
-
-class _Writer:
-    """One long-lived background thread for checkpoint writes, one at a time (starting a thread
-    per save would cost the training loop more than the save call itself)."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._idle = threading.Event()
-        self._idle.set()
-        threading.Thread(target=self._loop, name="checkpoint-writer", daemon=True).start()
-
-    def submit(self, fn: Any, *args: Any) -> None:
-        if not self._idle.is_set():
-            raise RuntimeError("a checkpoint write is still running")
-        self._idle.clear()
-        self._jobs.put((fn, args))
-
-    def wait(self) -> None:
-        self._idle.wait()
-
-    def _loop(self) -> None:
-        while True:
-            fn, args = self._jobs.get()
-            try:
-                fn(*args)
-            except BaseException:  # the write reports its own failures; the thread must live on
-                traceback.print_exc()
-            finally:
-                self._idle.set()
 
 
 def _node_id() -> str | None:

@@ -10,6 +10,9 @@ submit it, breaks something for real, and then checks the same four things:
 - no attempt ran twice: the Jobs API knows exactly `<run>-a1..aN`, one per ledger attempt,
   and each attempt wrote one `start` event;
 - the ledger shows the cause (incidents, the `recovering` transition) and the recovery.
+
+`CHAOS_ZERO_STAGE=3` runs every case with FSDP2 full sharding (sharded checkpoints, in-place
+reload after a worker's death) instead of the default replicated workers.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ NAN_AT = INTERVAL + 5
 # attempt 1 steps at ~6/s, so each fault lands mid-run (the tiny model alone does ~40/s)
 SLOW = {"kind": "slow_worker", "at_step": 1, "rank": 0, "attempt": 1, "seconds": 0.15}
 RUN_TIMEOUT_S = 240
+ZERO_STAGE = int(os.environ.get("CHAOS_ZERO_STAGE", "0"))
 
 
 class SupervisorProcess:
@@ -101,6 +105,7 @@ def submit(ctx: Context, name: str, faults=(), **ft) -> RunDir:
         "checkpoint": {"interval_steps": INTERVAL, "keep_last": 5, "async_save": True},
         "fault_tolerance": {"backoff_initial_s": 0.5, "backoff_max_s": 4, "hang_timeout_min_s": 60, **ft},
         "faults": [SLOW, *faults],
+        "parallelism": {"zero_stage": ZERO_STAGE},
         "seed": 11,
     }
     return create_run(ctx, RunSpec.model_validate(spec))  # pending: the supervisor submits attempt 1
@@ -253,7 +258,7 @@ def test_corrupt_newest_checkpoint_is_skipped(ctx):
     sid = ray_cluster.submission_id(rd.run_id, 1)
     wait_for(lambda: ray_cluster.job_status(ctx.cluster, sid) in ("FAILED", "STOPPED"), 60, "attempt 1 to end")
     newest = ckpt.committed_steps(rd.checkpoints)[-1]
-    victim = rd.checkpoints / ckpt.step_dirname(newest) / "model.safetensors"
+    victim = rd.checkpoints / ckpt.step_dirname(newest) / ("__1_0.distcp" if ZERO_STAGE else "model.safetensors")
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one bit flipped: only the checksum can tell
     victim.write_bytes(bytes(data))
@@ -301,6 +306,8 @@ def test_kill_a_raylet_node(ctx):
         heads = {n["node_id"] for n in ray_cluster.status(ctx.cluster)["nodes"] if n["is_head"]}
         assert not {w["node_id"] for w in start["workers"]} & heads, "workers should be on the second node"
         wait_for(lambda: step_reached(rd, INTERVAL + 2), 120, f"step {INTERVAL + 2}")
+        # and its checkpoint committed (a sharded one is written by both ranks, then gathered)
+        wait_for(lambda: INTERVAL in ckpt.committed_steps(rd.checkpoints), 60, f"checkpoint {INTERVAL}")
         ray_cluster.kill_node(ctx.cluster, len(state.nodes) - 1)  # the raylet and its agents...
         for w in start["workers"]:  # ...and the worker processes it hosted, as a dead machine takes them
             kill(w["pid"])

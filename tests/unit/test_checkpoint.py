@@ -66,3 +66,29 @@ def test_max_step_and_prune(tmp_path):
     assert ck.prune(tmp_path, keep_last=2) == [10, 20]
     assert ck.committed_steps(tmp_path) == [30, 40]
     assert ck.prune(tmp_path, keep_last=1, protect={30}) == []
+
+
+def test_per_rank_hashes_are_merged_and_the_rest_hashed_at_commit(tmp_path):
+    stage = ck.staging_dir(tmp_path, 5, tag="a1g1")
+    assert ck.staging_dir(tmp_path, 5, tag="a1g1") == stage  # every rank derives the same directory
+    for rank in (0, 1):
+        (stage / f"__{rank}_0.distcp").write_bytes(bytes([rank]) * 1000)
+    (stage / ".metadata").write_bytes(b"index")
+    hashed = {}
+    for rank in (0, 1):  # as each rank hashes its own shard where it wrote it
+        hashed.update(ck.hash_files(stage, [stage / f"__{rank}_0.distcp"]))
+    info = ck.commit(stage, tmp_path, 5, hashed=hashed)
+    assert set(info.manifest["files"]) == {"__0_0.distcp", "__1_0.distcp", ".metadata"}
+    assert ck.verify(info.path).step == 5
+    shard = info.path / "__1_0.distcp"
+    shard.write_bytes(b"\x07" + shard.read_bytes()[1:])
+    with pytest.raises(ck.CheckpointCorrupt, match="__1_0.distcp checksum mismatch"):
+        ck.verify(info.path)
+
+
+def test_commit_refuses_hashes_of_files_that_are_not_staged(tmp_path):
+    stage = ck.staging_dir(tmp_path, 6, tag="t")
+    (stage / "a").write_bytes(b"x")
+    with pytest.raises(ck.CheckpointCorrupt, match="not staged"):
+        ck.commit(stage, tmp_path, 6, hashed={"b": {"bytes": 1, "sha256": "0"}})
+    assert ck.committed_steps(tmp_path) == []

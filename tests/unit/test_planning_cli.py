@@ -43,7 +43,7 @@ def test_plan_table_for_people():
 
 def test_plan_that_does_not_fit_exits_2_with_one_line(tmp_path):
     spec = yaml.safe_load(Path(RUN).read_text())
-    spec["parallelism"]["zero_stage"] = 1
+    spec["parallelism"]["zero_stage"] = 0  # replicated: 16 B/param
     bad = tmp_path / "run.yaml"
     bad.write_text(yaml.safe_dump(spec))
     res = invoke("plan", CLUSTER, str(bad))

@@ -1,0 +1,146 @@
+"""The pretraining job under FSDP2 (zero_stage 1-3, HSDP) with sharded DCP checkpoints, on real Ray.
+
+Tiny preset, CPU workers over gloo, seq_len 64, global batch 8.
+
+Parity: every layout trains on the same samples (each rank takes its contiguous share of the
+fixed global batch) from the same initial weights (drawn per parameter from the seed), so
+zero_stage 0/2/3 on 2 workers and HSDP 2x1 end within LOSS_TOL of a single-process run at
+step 50. Not bit-equal: the gradient mean is summed in a different order (one process's full
+backward vs two half-batch backwards plus an all-reduce or reduce-scatter), a ~1e-7 relative
+difference per step that Adam carries along; 50 steps leave it orders of magnitude under
+LOSS_TOL, while a wrong shard, a missed reduction or a different sample is off by far more.
+
+Resharding: a checkpoint written by 2 ranks resumes on 1 and a checkpoint of that 1-rank run
+resumes on 2 (the committed checkpoint is handed to a run with another num_workers, as a later
+attempt with fewer or more workers sees it), ending within LOSS_TOL of the uninterrupted run.
+Same world, same checkpoint: a resume or an in-place reload is exact.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from controlplane import checkpoint as ckpt
+from tests.integration import test_pretrain_job as pj
+from tests.integration.test_pretrain_job import by_type, make_run, run_job
+
+pytestmark = pytest.mark.integration
+ray_env, dataset = pj.ray_env, pj.dataset  # the same module-scoped fixtures
+STEPS = 50
+LOSS_TOL = 2e-3
+
+
+def spec(stage: int, workers: int = 2, replicate: int = 1, **overrides) -> dict:
+    return {
+        "train": {"max_steps": STEPS, "seq_len": 64, "global_batch_size": 8, "schedule": {"warmup_steps": 5}},
+        "workers": {"num_workers": workers},
+        "parallelism": {"zero_stage": stage, "replicate": replicate},
+        **overrides,
+    }
+
+
+def loss_at(rd, step: int) -> float:
+    return [e for e in by_type(rd, "step") if e["step"] == step][-1]["loss"]
+
+
+def ran(root, dataset, env, name: str, attempt: int = 1, **kw):
+    rd = make_run(root, dataset, name, **spec(**kw))
+    proc = run_job(rd, attempt, env)
+    return rd, proc
+
+
+@pytest.fixture(scope="module")
+def reference(ray_env, dataset, tmp_path_factory):
+    rd, proc = ran(tmp_path_factory.mktemp("ref"), dataset, ray_env, "ref", stage=0, workers=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return rd
+
+
+@pytest.fixture(scope="module")
+def zero3(ray_env, dataset, tmp_path_factory):
+    rd, proc = ran(tmp_path_factory.mktemp("z3"), dataset, ray_env, "z3", stage=3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return rd
+
+
+@pytest.mark.parametrize("stage,replicate", [(0, 1), (2, 1), (1, 2)], ids=["zero0", "zero2", "hsdp-2x1"])
+def test_layouts_reach_the_single_process_loss(reference, ray_env, dataset, tmp_path, stage, replicate):
+    rd, proc = ran(tmp_path, dataset, ray_env, f"z{stage}r{replicate}", stage=stage, replicate=replicate)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert loss_at(rd, STEPS) == pytest.approx(loss_at(reference, STEPS), abs=LOSS_TOL)
+    assert loss_at(rd, STEPS) < loss_at(rd, 1) - 0.3  # it learns
+
+
+def test_zero3_matches_and_writes_verified_shards(reference, zero3):
+    assert loss_at(zero3, STEPS) == pytest.approx(loss_at(reference, STEPS), abs=LOSS_TOL)
+    cps = by_type(zero3, "checkpoint")
+    assert [c["step"] for c in cps] == [10, 20, 30, 40, 50] and all(c["shards"] == 2 and c["async"] for c in cps)
+    info = ckpt.verify(zero3.checkpoints / ckpt.step_dirname(STEPS))
+    files = set(info.manifest["files"])
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "trainer_state.json", "rng.pt"} <= files
+
+
+def test_killed_worker_reloads_in_place_and_matches(zero3, ray_env, dataset, tmp_path):
+    rd, proc = ran(
+        tmp_path, dataset, ray_env, "z3-kill", stage=3,
+        faults=[{"kind": "kill_worker", "at_step": 35, "rank": 1}],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(by_type(rd, "start")) == 1  # inside the attempt
+    (reload,) = by_type(rd, "reloaded")
+    assert reload["step"] == 30
+    (rep,) = by_type(rd, "worker_replaced")
+    assert rep["rank"] == 1 and rep["cause"] == "worker_died"
+    assert loss_at(rd, STEPS) == loss_at(zero3, STEPS)
+
+
+def test_corrupt_shard_skips_that_checkpoint(zero3, ray_env, dataset, tmp_path):
+    rd, proc = ran(
+        tmp_path, dataset, ray_env, "z3-corrupt", stage=3,
+        faults=[{"kind": "exit_driver", "at_step": 40, "attempt": 1}],
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert ckpt.committed_steps(rd.checkpoints) == [10, 20, 30]  # the driver died before saving 40
+    shard = rd.checkpoints / ckpt.step_dirname(30) / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    rd.set_fence(2)
+    proc = run_job(rd, 2, ray_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start = by_type(rd, "start")[-1]
+    assert start["resume_step"] == 20 and [s for s, _ in start["skipped_checkpoints"]] == [30]
+    assert loss_at(rd, STEPS) == loss_at(zero3, STEPS)
+
+
+def test_checkpoint_reshards_from_2_to_1_and_back_to_2(zero3, ray_env, dataset, tmp_path):
+    one = make_run(
+        tmp_path / "one", dataset, "one",
+        **spec(3, workers=1, faults=[{"kind": "exit_driver", "at_step": 40, "attempt": 1}]),
+    )  # fmt: skip
+    src = sorted(p for p in zero3.checkpoints.iterdir() if p.name == ckpt.step_dirname(20))[0]
+    shutil.copytree(src, one.checkpoints / src.name)
+    proc = run_job(one, 1, ray_env)
+    assert proc.returncode == 1  # the drill
+    assert by_type(one, "start")[0]["resume_step"] == 20 and by_type(one, "start")[0]["world_size"] == 1
+    two = make_run(tmp_path / "two", dataset, "two", **spec(3, workers=2))
+    shutil.copytree(one.checkpoints / ckpt.step_dirname(30), two.checkpoints / ckpt.step_dirname(30))
+    proc = run_job(two, 1, ray_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert by_type(two, "start")[0]["resume_step"] == 30
+    assert loss_at(two, STEPS) == pytest.approx(loss_at(zero3, STEPS), abs=LOSS_TOL)
+
+
+def test_a_shard_write_failing_with_enospc_commits_nothing(ray_env, dataset, tmp_path):
+    rd, proc = ran(
+        tmp_path, dataset, ray_env, "z3-enospc", stage=3,
+        checkpoint={"interval_steps": 20, "async_save": False},
+        faults=[{"kind": "checkpoint_enospc", "at_step": 20, "rank": 1}],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (failed,) = by_type(rd, "checkpoint_failed")
+    assert failed["step"] == 20 and "rank 1" in failed["error"] and "No space left on device" in failed["error"]
+    assert ckpt.committed_steps(rd.checkpoints) == [40, 50]
+    assert not [p for p in rd.checkpoints.iterdir() if p.name.startswith(".staging")]
