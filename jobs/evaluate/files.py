@@ -86,6 +86,6 @@ def read_heldout(dataset_dir: Path, max_tokens: int) -> dict[str, Any]:
     """
     import numpy as np
 
-    from controlplane.data import heldout_by_source
+    from controlplane.data.store import heldout_by_source
 
     return {s: np.asarray(a, dtype=np.int64) for s, a in heldout_by_source(dataset_dir, max_tokens).items()}
