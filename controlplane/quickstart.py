@@ -80,7 +80,7 @@ def step_data(q: Quickstart) -> None:
     else:
         from controlplane.data.ray_engine import choose_engine
 
-        engine, address = choose_engine(q.ctx.cluster, "auto")  # the cluster step started it
+        engine, address, ray_env = choose_engine(q.ctx.cluster, "auto")  # the cluster step started it
         meta = prepare(
             spec.data.source,
             out,
@@ -88,6 +88,7 @@ def step_data(q: Quickstart) -> None:
             heldout_fraction=spec.data.heldout_fraction,
             engine=engine,
             ray_address=address,
+            ray_env=ray_env,
             min_ray_units=2,  # manpages-ja is one unit: tokenizing it here beats starting Ray Data workers
         )
     q.data = meta

@@ -79,7 +79,7 @@ def prepare(
         target = ctx.storage / "datasets" / name.split(".")[0]
     else:
         target = Path(out_dir).expanduser()
-    chosen, address = choose_engine(ctx.cluster, engine)
+    chosen, address, ray_env = choose_engine(ctx.cluster, engine)
     if not json_out:
         err.print(f"preparing {', '.join(sources)} -> {target} ({_describe(chosen, address)})")
     bar = _Progress(enabled=not json_out)
@@ -99,6 +99,7 @@ def prepare(
             verify=verify,
             workers=workers or ((os.cpu_count() or 1) if chosen == "local" else 0),
             ray_address=address,
+            ray_env=ray_env,
             progress=bar.update,
         )
     meta["path"] = str(target.resolve())

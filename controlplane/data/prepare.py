@@ -80,6 +80,7 @@ class PrepareOptions:
     min_ray_units: int = 1  # fewer pending units than this run in this process (no parallelism to gain)
     workers: int = 1
     ray_address: str | None = None
+    ray_env: dict[str, str] | None = field(default=None, repr=False)  # set only while connected (token auth)
     progress: Callable[[str, dict[str, Any]], None] | None = field(default=None, repr=False)
 
     def check(self) -> None:
@@ -379,7 +380,7 @@ def _engine(opts: PrepareOptions, n_units: int) -> Engine:
     if opts.engine == "ray" and n_units >= opts.min_ray_units:
         from controlplane.data.ray_engine import ray_engine
 
-        return ray_engine(opts.ray_address, opts.workers)
+        return ray_engine(opts.ray_address, opts.workers, opts.ray_env)
     if opts.engine == "ray" or opts.workers <= 1 or n_units <= 1:
         return _in_process
     return lambda units, job, forced: _process_pool(units, job, forced, opts.workers)

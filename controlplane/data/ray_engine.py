@@ -9,6 +9,7 @@ driver's memory is bounded too. Shard files are the same as the local engine's, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -37,25 +38,49 @@ class TokenizeUnits:
         return {"record": out}
 
 
-def connect(address: str | None) -> bool:
-    """Connect this process to the cluster; True when this call did (and should disconnect)."""
+@contextlib.contextmanager
+def connected(address: str | None, env: dict[str, str] | None = None) -> Iterator[None]:
+    """This process connected to the cluster for the block (unless it already was).
+
+    `env` (the local cluster's token auth) is set only while connected and put back after, so
+    that nothing else this process later starts or joins inherits it. A GCS on a loopback
+    address is joined from that address (the local cluster's node address)."""
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})  # before Ray is imported: it reads its auth mode once
     import ray
 
-    if ray.is_initialized():
-        return False
+    host = (address or "").rpartition(":")[0]
+    kwargs = {"_node_ip_address": host} if host.startswith("127.") and host != "127.0.0.1" else {}
     try:
-        ray.init(address=address or "auto", logging_level="ERROR", log_to_driver=False, configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        from controlplane.errors import UserError
+        try:
+            ray.init(
+                address=address or "auto", logging_level="ERROR", log_to_driver=False, configure_logging=False, **kwargs
+            )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            from controlplane.errors import UserError
 
-        raise UserError(
-            f"Ray at {address or 'auto'}: cannot connect ({str(exc).splitlines()[0][:160]}); run the prepare on a "
-            "node of the cluster or give --engine local"
-        ) from None
-    return True
+            raise UserError(
+                f"Ray at {address or 'auto'}: cannot connect ({str(exc).splitlines()[0][:160]}); run the prepare on "
+                "a node of the cluster or give --engine local"
+            ) from None
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-def ray_engine(address: str | None, workers: int):
+def ray_engine(address: str | None, workers: int, env: dict[str, str] | None = None):
     """An engine (see prepare.Engine) that runs on the Ray cluster at `address`."""
 
     def run(units: list[Unit], job: dict[str, Any], forced: dict[int, str]) -> Iterator[dict[str, Any]]:
@@ -64,8 +89,7 @@ def ray_engine(address: str | None, workers: int):
         import ray
         import ray.data
 
-        started = connect(address)
-        try:
+        with connected(address, env):
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
             ctx.print_on_execution_start = False
@@ -84,14 +108,11 @@ def ray_engine(address: str | None, workers: int):
             )
             for row in ds.iter_rows():
                 yield json.loads(row["record"])
-        finally:
-            if started:
-                ray.shutdown()
 
     return run
 
 
-def choose_engine(cluster: Any, engine: str) -> tuple[str, str | None]:
+def choose_engine(cluster: Any, engine: str) -> tuple[str, str | None, dict[str, str] | None]:
     """'ray' with the GCS address of the local cluster when it is up (or asked for), else 'local'.
 
     A Ray start costs seconds, more than a small corpus takes to tokenize here, so `auto` never
@@ -102,15 +123,14 @@ def choose_engine(cluster: Any, engine: str) -> tuple[str, str | None]:
     from controlplane.errors import UserError
 
     if engine == "local":
-        return "local", None
+        return "local", None, None
     if cluster.kind != "local":
-        return "ray", os.environ.get("RAY_ADDRESS") or "auto"
+        return "ray", os.environ.get("RAY_ADDRESS") or "auto", None
     state = ray_cluster.read_state(cluster)
     up = state is not None and ray_cluster.status(cluster).get("up")
     if not up:
         if engine == "ray":
             raise UserError("--engine ray: the local Ray cluster is not up: run `llmctl cluster up`")
-        return "local", None
+        return "local", None, None
     env = ray_cluster.ray_env(Path(state.token_file))
-    os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_")})
-    return "ray", state.gcs_address
+    return "ray", state.gcs_address, {k: v for k, v in env.items() if k.startswith("RAY_")}
