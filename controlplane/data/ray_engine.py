@@ -86,10 +86,10 @@ def ray_engine(address: str | None, workers: int, env: dict[str, str] | None = N
     def run(units: list[Unit], job: dict[str, Any], forced: dict[int, str]) -> Iterator[dict[str, Any]]:
         if not units:
             return
-        import ray
-        import ray.data
+        with connected(address, env):  # before Ray is imported here: it reads its auth mode once
+            import ray
+            import ray.data
 
-        with connected(address, env):
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
             ctx.print_on_execution_start = False
