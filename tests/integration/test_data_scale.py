@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -33,6 +35,16 @@ def big_corpus(tmp_path_factory):
     return root
 
 
+def llmctl(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """`llmctl ARGS` in a process of its own, as a user runs it: a Ray driver joined with the
+    cluster's token auth stays out of this test process (Ray keeps its auth mode per process)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "controlplane", *args], capture_output=True, text=True, timeout=timeout, env=os.environ
+    )
+    res.exit_code, res.output = res.returncode, res.stdout + res.stderr  # CliRunner's names
+    return res
+
+
 def _shards(root):
     return {p.name: p.read_bytes() for p in sorted((root / "shards").iterdir())}
 
@@ -41,7 +53,7 @@ def test_ray_engine_writes_the_local_engines_bytes(cluster_home, dataset_dir, tm
     src = tmp_path / "small"
     write_corpus(src, 1.5, seed=3, files=2)
     common = ["--tokenizer", str(dataset_dir / "tokenizer.json"), "--unit-mb", "0.25", "--json"]
-    ray_res = runner.invoke(app, ["data", "prepare", str(src), "--out", str(tmp_path / "r"), "--workers", "2", *common])
+    ray_res = llmctl(["data", "prepare", str(src), "--out", str(tmp_path / "r"), "--workers", "2", *common])
     assert ray_res.exit_code == 0, ray_res.output
     assert json.loads(ray_res.stdout)["engine"] == "ray"  # auto: the cluster is up
     loc = runner.invoke(app, ["data", "prepare", str(src), "--out", str(tmp_path / "l"), "--engine", "local",
@@ -54,8 +66,7 @@ def test_200mb_corpus_on_ray_with_bounded_worker_memory_then_a_mixture_run(
     cluster_home, dataset_dir, big_corpus, tmp_path
 ):
     out = cluster_home / "datasets" / "web"
-    res = runner.invoke(
-        app,
+    res = llmctl(
         ["data", "prepare", str(big_corpus), "--out", str(out), "--engine", "ray", "--workers", "2",
          "--tokenizer", str(dataset_dir / "tokenizer.json"), "--json"],
     )  # fmt: skip
