@@ -138,6 +138,8 @@ def tokenize_unit(unit: Unit, job: dict[str, Any], force_heldout: str | None = N
     out = Path(job["out"])
     tok = _tokenizer(job["tokenizer"], job["tokenizer_sha256"])
     eos = tok.token_to_id(EOS)
+    # the ids only: offsets are not kept, which saves about a sixth of the tokenizer's time
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
     dtype = np.dtype(job["dtype"])
     fraction, seed = float(job["heldout_fraction"]), int(job["seed"])
     shard_dir = out / SHARD_DIR
@@ -153,7 +155,7 @@ def tokenize_unit(unit: Unit, job: dict[str, Any], force_heldout: str | None = N
         nonlocal size
         for split, texts in pending.items():
             if texts:
-                encs = tok.encode_batch(texts, add_special_tokens=False)
+                encs = encode(texts, add_special_tokens=False)
                 writers[split].write([np.asarray([*e.ids, eos], dtype=np.int64) for e in encs])
                 texts.clear()
         size = 0
