@@ -41,6 +41,9 @@ SERVE_METRICS = (
     "llmctl_serve_requests_total",
     "llmctl_serve_request_duration_seconds",
     "llmctl_serve_tokens_total",
+    "llmctl_serve_time_to_first_token_seconds",
+    "llmctl_serve_inter_token_latency_seconds",
+    "llmctl_serve_kv_cache_usage_ratio",
     "llmctl_rollout_traffic_ratio",
 )
 

@@ -230,6 +230,19 @@ TRAINING = DashboardDef(
 _REQ = 'llmctl_serve_requests_total{cluster=~"$cluster"}'
 _REQ_5XX = 'llmctl_serve_requests_total{cluster=~"$cluster",code=~"5.."}'
 _DUR = 'llmctl_serve_request_duration_seconds_bucket{cluster=~"$cluster"}'
+_TTFT = 'llmctl_serve_time_to_first_token_seconds_bucket{cluster=~"$cluster"}'
+_ITL = 'llmctl_serve_inter_token_latency_seconds_bucket{cluster=~"$cluster"}'
+
+
+def _p50_p99(series: str) -> tuple[Query, ...]:
+    return tuple(
+        q(
+            f"histogram_quantile({p}, sum by (version, le) (rate({series}[$__rate_interval])))",
+            f"{name} {{{{version}}}}",
+        )
+        for p, name in ((0.5, "p50"), (0.99, "p99"))
+    )
+
 
 SERVING = DashboardDef(
     uid="llmctl-serving",
@@ -255,16 +268,29 @@ SERVING = DashboardDef(
             unit="percentunit",
             description="Share of requests answered with a 5xx code.",
         ),
+        PanelDef("Latency p50 / p99", _p50_p99(_DUR), unit="s"),
         PanelDef(
-            "Latency p50 / p99",
+            "Time to first token p50 / p99",
+            _p50_p99(_TTFT),
+            unit="s",
+            description="From a request's arrival at its replica to its first generated token (prefill and queueing).",
+        ),
+        PanelDef(
+            "Inter-token latency p50 / p99",
+            _p50_p99(_ITL),
+            unit="s",
+            description="Time between consecutive generated tokens of a request (decode speed under batching).",
+        ),
+        PanelDef(
+            "KV cache usage",
             (
-                q(f"histogram_quantile(0.5, sum by (version, le) (rate({_DUR}[$__rate_interval])))", "p50 {{version}}"),
                 q(
-                    f"histogram_quantile(0.99, sum by (version, le) (rate({_DUR}[$__rate_interval])))",
-                    "p99 {{version}}",
+                    'max by (version, replica) (llmctl_serve_kv_cache_usage_ratio{cluster=~"$cluster"})',
+                    "{{version}} r{{replica}}",
                 ),
             ),
-            unit="s",
+            unit="percentunit",
+            description="Share of each replica's KV cache in use; near 1 the engine queues or preempts requests.",
         ),
         PanelDef(
             "Traffic split",
