@@ -37,6 +37,8 @@ from controlplane.errors import LlmctlError, RetryableError
 from controlplane.rundir import RunDir
 from controlplane.spec import RunSpec, read_record
 from controlplane.states import AttemptState, RunState
+from controlplane.supervisor import actions as A
+from controlplane.supervisor import observed as O
 from controlplane.supervisor import policy as P
 from controlplane.supervisor import rules, store
 from controlplane.supervisor.nodes import EXCLUDE_ENV, dead_by_ray, read_cluster_downs, read_health
@@ -60,9 +62,9 @@ VIEW_TTL_S = 2.0
 # failures seen from this long before a user's `cluster down` of their node are the user's doing
 STOP_GRACE_S = 10.0
 _ATTEMPT_STATE = {
-    P.JobStatus.SUCCEEDED: AttemptState.SUCCEEDED,
-    P.JobStatus.FAILED: AttemptState.FAILED,
-    P.JobStatus.STOPPED: AttemptState.STOPPED,
+    O.JobStatus.SUCCEEDED: AttemptState.SUCCEEDED,
+    O.JobStatus.FAILED: AttemptState.FAILED,
+    O.JobStatus.STOPPED: AttemptState.STOPPED,
 }
 
 
@@ -75,7 +77,7 @@ class Supervisor:
         ctx: Context,
         jobs: JobsPort | None = None,
         *,
-        config: P.PolicyConfig = P.PolicyConfig(),
+        config: O.PolicyConfig = O.PolicyConfig(),
         clock: Callable[[], float] = time.time,
         exclusive: bool = False,
     ):
@@ -96,11 +98,11 @@ class Supervisor:
 
     # ------------------------------------------------------------------ passes
 
-    def tick(self) -> dict[str, list[P.Action]]:
+    def tick(self) -> dict[str, list[A.Action]]:
         """One pass over every live run (takes the lock for good). A run whose pass fails is logged
         and retried next tick."""
         self.lock.acquire()
-        out: dict[str, list[P.Action]] = {}
+        out: dict[str, list[A.Action]] = {}
         for run in self.ctx.ledger.live_runs():
             try:
                 out[run["run_id"]] = self._reconcile(run["run_id"])
@@ -116,7 +118,7 @@ class Supervisor:
             self.tick()
             stop.wait(max(0.05, interval_s - (time.monotonic() - started)))
 
-    def reconcile_run(self, run_id: str) -> list[P.Action]:
+    def reconcile_run(self, run_id: str) -> list[A.Action]:
         """One pass over one run. Without the lock held for good (`exclusive`, `run_forever`), the
         lock is taken for this pass only; if another supervisor holds it, the pass is skipped."""
         if self.lock.held:
@@ -133,7 +135,7 @@ class Supervisor:
         finally:
             self.lock.release()
 
-    def _reconcile(self, run_id: str) -> list[P.Action]:
+    def _reconcile(self, run_id: str) -> list[A.Action]:
         ledger = self.ctx.ledger
         run = ledger.get_run(run_id)
         state = RunState(run["state"])
@@ -164,9 +166,9 @@ class Supervisor:
             cur = ledger.current_attempt(run_id)
 
         # 3. observe and decide
-        status = self.jobs.status(cur["job_id"]) if cur and cur.get("job_id") else P.JobStatus.MISSING
+        status = self.jobs.status(cur["job_id"]) if cur and cur.get("job_id") else O.JobStatus.MISSING
         if cur is not None:
-            if status is P.JobStatus.RUNNING and cur["state"] == AttemptState.SUBMITTED:
+            if status is O.JobStatus.RUNNING and cur["state"] == AttemptState.SUBMITTED:
                 store.set_attempt_state(ledger, run_id, cur["attempt"], AttemptState.RUNNING)
             elif status in _ATTEMPT_STATE:
                 store.set_attempt_state(ledger, run_id, cur["attempt"], _ATTEMPT_STATE[status])
@@ -188,20 +190,20 @@ class Supervisor:
         rd: RunDir,
         track: RunTrack,
         cur: dict[str, Any] | None,
-        status: P.JobStatus,
+        status: O.JobStatus,
         now: float,
-    ) -> P.Observed:
+    ) -> O.Observed:
         n = cur["attempt"] if cur else 0
         a = track.attempts.get(str(n), {})
         verified = self._verified_steps(rd)
         poisoned = set(track.poisoned)
         heartbeats = tuple(
-            P.Heartbeat(int(rank), float(v[0]), v[1], v[2])
+            O.Heartbeat(int(rank), float(v[0]), v[1], v[2])
             for rank, v in sorted(track.heartbeats.items())
             if v[3] == n and str(rank).lstrip("-").isdigit()
         )
         failures = tuple(
-            P.Failure(
+            O.Failure(
                 f["kind"],
                 f["at"],
                 f["attempt"],
@@ -232,7 +234,7 @@ class Supervisor:
             )
 
         nodes = tuple(
-            P.NodeStatus(
+            O.NodeStatus(
                 name,
                 healthy=health[name].healthy if name in health else True,
                 excluded=name in excluded,
@@ -247,7 +249,7 @@ class Supervisor:
         pending = None
         if track.pending:
             p = track.pending
-            pending = P.PendingRestart(
+            pending = O.PendingRestart(
                 p["cause"],
                 p["decided_at"],
                 p["not_before"],
@@ -256,7 +258,7 @@ class Supervisor:
             )
         elapsed = now - (track.first_ts or run["created_at"])
         prior = spec.checkpoint.mtbf_hours * 3600 if spec.checkpoint.mtbf_hours else None
-        return P.Observed(
+        return O.Observed(
             run_state=RunState(run["state"]),
             final_step=spec.train.steps,
             attempt=n,
@@ -300,7 +302,7 @@ class Supervisor:
         self._view = (time.monotonic(), view)
         return view
 
-    def _note_waiting(self, run_id: str, cur: dict[str, Any], o: P.Observed, now: float) -> None:
+    def _note_waiting(self, run_id: str, cur: dict[str, Any], o: O.Observed, now: float) -> None:
         """Keep in the attempt's info what it waits for (`run status` prints it); written only on change."""
         c = o.capacity
         waiting = c.describe() if c is not None and c.short() else None
@@ -341,8 +343,8 @@ class Supervisor:
         spec: RunSpec,
         rd: RunDir,
         track: RunTrack,
-        o: P.Observed,
-        actions: list[P.Action],
+        o: O.Observed,
+        actions: list[A.Action],
         now: float,
     ) -> None:
         ledger = self.ctx.ledger
@@ -350,11 +352,11 @@ class Supervisor:
         transition: tuple[RunState, str] | None = None
         attempt_fields: dict[str, Any] = {}
         decisions = [(type(a).__name__, _cause(a), _detail(a)) for a in actions]
-        submit: P.Submit | None = None
-        stops: list[P.StopJob] = []
+        submit: A.Submit | None = None
+        stops: list[A.StopJob] = []
         interval: int | None = None
         for a in actions:
-            if isinstance(a, P.RecordIncident):
+            if isinstance(a, A.RecordIncident):
                 incidents.append((a.kind, {"source": "supervisor", **a.detail}))
                 if a.kind != "rollback":
                     attempt_fields.setdefault("cause", a.kind)
@@ -369,17 +371,17 @@ class Supervisor:
                     bad = int(a.detail["bad_step"])
                     on_disk = ckpt.committed_steps(rd.checkpoints)
                     track.poisoned = sorted(set(track.poisoned) | {s for s in on_disk if s >= bad})
-            elif isinstance(a, P.MarkRunning):
+            elif isinstance(a, A.MarkRunning):
                 transition = (RunState.RUNNING, a.cause)
-            elif isinstance(a, P.MarkRecovering):
+            elif isinstance(a, A.MarkRecovering):
                 transition = (RunState.RECOVERING, a.cause)
-            elif isinstance(a, P.MarkSucceeded):
+            elif isinstance(a, A.MarkSucceeded):
                 transition = (RunState.SUCCEEDED, a.cause)
-            elif isinstance(a, P.MarkFailed):
+            elif isinstance(a, A.MarkFailed):
                 transition = (RunState.FAILED, a.cause)
-            elif isinstance(a, P.MarkStopped):
+            elif isinstance(a, A.MarkStopped):
                 transition = (RunState.STOPPED, a.cause)
-            elif isinstance(a, P.Backoff):
+            elif isinstance(a, A.Backoff):
                 s = a.then
                 track.pending = {
                     "cause": s.cause,
@@ -390,14 +392,14 @@ class Supervisor:
                     "after_attempt": o.attempt,
                 }
                 track.skip_steps = [list(w) for w in s.skip_steps]
-            elif isinstance(a, P.Submit):
+            elif isinstance(a, A.Submit):
                 submit = a
                 track.skip_steps = [list(w) for w in a.skip_steps]
-            elif isinstance(a, P.StopJob):
+            elif isinstance(a, A.StopJob):
                 stops.append(a)
-            elif isinstance(a, P.ExcludeNode):
+            elif isinstance(a, A.ExcludeNode):
                 store.exclude_node(ledger, a.node, a.evidence, run_id, {"attempt": o.attempt})
-            elif isinstance(a, P.SetCheckpointInterval):
+            elif isinstance(a, A.SetCheckpointInterval):
                 interval = a.steps
                 track.interval_steps = a.steps
         if transition and transition[0] in (RunState.FAILED, RunState.STOPPED) and o.job_status.is_live:
@@ -428,7 +430,7 @@ class Supervisor:
         except LlmctlError as exc:
             log.warning("stopping %s: %s", sid, exc)
 
-    def _submit(self, run_id: str, rd: RunDir, s: P.Submit) -> None:
+    def _submit(self, run_id: str, rd: RunDir, s: A.Submit) -> None:
         ledger = self.ctx.ledger
         cur = ledger.current_attempt(run_id)
         if (cur["attempt"] if cur else 0) != s.attempt - 1:
@@ -453,7 +455,7 @@ class Supervisor:
         info = cur.get("info") or {}
         if rd.current_fence() < n:
             rd.set_fence(n)
-        if self.jobs.status(sid) is P.JobStatus.MISSING:
+        if self.jobs.status(sid) is O.JobStatus.MISSING:
             env = {EXCLUDE_ENV: ",".join(info.get("exclude_nodes") or [])} if info.get("exclude_nodes") else {}
             sid = self.jobs.submit(
                 rd,
@@ -469,7 +471,7 @@ class Supervisor:
             self.ctx.ledger.transition(run_id, RunState.PROVISIONING, info.get("cause") or "submitted", n)
 
 
-def _capacity(spec: RunSpec, view: ClusterView, excluded: set[str]) -> P.Capacity | None:
+def _capacity(spec: RunSpec, view: ClusterView, excluded: set[str]) -> O.Capacity | None:
     """What the attempt's workers ask against what the cluster's nodes (not excluded) have, while Ray
     holds requests it cannot place (None when it holds none, or the free resources are unknown)."""
     if view.free is None or not view.pending:
@@ -483,23 +485,23 @@ def _capacity(spec: RunSpec, view: ClusterView, excluded: set[str]) -> P.Capacit
         if node.get("alive") and node.get("node_id") not in excluded:
             for k, v in (node.get("resources_total") or {}).items():
                 total[k] = total.get(k, 0.0) + float(v)
-    return P.Capacity(
+    return O.Capacity(
         tuple(sorted(asked.items())),
         tuple(sorted((k, total.get(k, 0.0)) for k in asked)),
         tuple(sorted((k, view.free.get(k, 0.0)) for k in asked)),
     )
 
 
-def _cause(a: P.Action) -> str:
+def _cause(a: A.Action) -> str:
     for attr in ("cause", "reason", "evidence", "kind"):
         if hasattr(a, attr):
             return str(getattr(a, attr))
-    if isinstance(a, P.Backoff):
+    if isinstance(a, A.Backoff):
         return a.then.cause
     return type(a).__name__
 
 
-def _detail(a: P.Action) -> dict[str, Any]:
+def _detail(a: A.Action) -> dict[str, Any]:
     return asdict(a)
 
 

@@ -25,7 +25,7 @@ from controlplane.procs import pid_alive
 from controlplane.rundir import RunDir
 from controlplane.spec import RunSpec, dump_spec
 from controlplane.supervisor.loop import Supervisor
-from controlplane.supervisor.policy import JobStatus, PolicyConfig
+from controlplane.supervisor.observed import JobStatus, PolicyConfig
 from controlplane.supervisor.ports import ClusterView
 
 SCRIPT = Path(__file__).with_name("scripted_job.py")

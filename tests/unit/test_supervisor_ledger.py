@@ -17,7 +17,7 @@ from controlplane.cli.main import app
 from controlplane.errors import UserError
 from controlplane.procs import pid_alive
 from controlplane.supervisor import nodes, store
-from controlplane.supervisor.policy import JobStatus, PolicyConfig
+from controlplane.supervisor.observed import JobStatus, PolicyConfig
 from controlplane.supervisor.ports import SupervisorLock
 from tests.unit.supervisor_harness import (
     ProcessJobs,

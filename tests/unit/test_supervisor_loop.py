@@ -23,7 +23,7 @@ from controlplane.errors import RetryableError
 from controlplane.spec import RunSpec
 from controlplane.supervisor import store
 from controlplane.supervisor.loop import Supervisor
-from controlplane.supervisor.policy import PolicyConfig
+from controlplane.supervisor.observed import PolicyConfig
 from controlplane.supervisor.ports import SupervisorBusy
 from tests.unit.supervisor_harness import (
     ROOT,
@@ -215,7 +215,7 @@ from pathlib import Path
 from controlplane.context import Context
 from controlplane.errors import RetryableError
 from controlplane.supervisor.loop import Supervisor
-from controlplane.supervisor.policy import PolicyConfig
+from controlplane.supervisor.observed import PolicyConfig
 from tests.unit.supervisor_harness import ProcessJobs
 sup = Supervisor(Context.load(), ProcessJobs(Path(sys.argv[1])), config=PolicyConfig(heartbeat_stale_s=0.6, stop_grace_s=3.0),
                  exclusive=True)
