@@ -11,7 +11,8 @@ One pass over a run:
 2. finish an interrupted submission: an attempt row without a job id is adopted if the Jobs
    API knows `<run_id>-a<N>`, else submitted now under that id (never a second attempt);
 3. ask the Jobs API for the current attempt's status; verify checkpoints on disk (cached);
-   read node health telemetry; build `Observed`; call `policy.decide`;
+   build `Observed` (`observe.py`: the run track, node health telemetry, Ray's node table);
+   call `policy.decide`;
 4. commit incidents, the transition, the attempt's cause, the pending restart and one
    `supervisor_decisions` row per action (one transaction); then stop jobs, submit
    (ledger.next_attempt, RunDir.set_fence, then the Jobs API), write the checkpoint interval.
@@ -23,7 +24,6 @@ Crash safety: see README.md in this package. One supervisor per storage root: a
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -40,8 +40,9 @@ from controlplane.states import AttemptState, RunState
 from controlplane.supervisor import actions as A
 from controlplane.supervisor import observed as O
 from controlplane.supervisor import policy as P
-from controlplane.supervisor import rules, store
-from controlplane.supervisor.nodes import EXCLUDE_ENV, dead_by_ray, read_cluster_downs, read_health
+from controlplane.supervisor import store
+from controlplane.supervisor.nodes import EXCLUDE_ENV
+from controlplane.supervisor.observe import VerifiedCheckpoints, observe
 from controlplane.supervisor.ports import (
     ClusterView,
     JobsPort,
@@ -50,7 +51,7 @@ from controlplane.supervisor.ports import (
     SupervisorLock,
     submission_id,
 )
-from controlplane.supervisor.track import NODE_FAULTS, RunTrack
+from controlplane.supervisor.track import RunTrack
 
 log = logging.getLogger("llmctl.supervisor")
 
@@ -59,8 +60,6 @@ UNREPORTED = frozenset(
     {"crash", "job_lost", "job_stopped", "early_exit", "node_unhealthy", "node_dead", "unschedulable"}
 )
 VIEW_TTL_S = 2.0
-# failures seen from this long before a user's `cluster down` of their node are the user's doing
-STOP_GRACE_S = 10.0
 _ATTEMPT_STATE = {
     O.JobStatus.SUCCEEDED: AttemptState.SUCCEEDED,
     O.JobStatus.FAILED: AttemptState.FAILED,
@@ -88,7 +87,7 @@ class Supervisor:
         self.config = config
         self.clock = clock
         self.lock = SupervisorLock(ctx.storage)
-        self._verified: dict[tuple[str, int], tuple[Any, bool]] = {}
+        self._verified = VerifiedCheckpoints()
         self._view: tuple[float, ClusterView | None] = (-1e9, None)
         if exclusive:
             self.lock.acquire()
@@ -173,7 +172,18 @@ class Supervisor:
             elif status in _ATTEMPT_STATE:
                 store.set_attempt_state(ledger, run_id, cur["attempt"], _ATTEMPT_STATE[status])
         now = self.clock()
-        observed = self.observe(run, spec, rd, track, cur, status, now)
+        observed = observe(
+            self.ctx,
+            run,
+            spec,
+            rd,
+            track,
+            cur,
+            status,
+            now,
+            verified=self._verified.steps(rd),
+            view=self.cluster_view(),
+        )
         if cur is not None:
             self._note_waiting(run_id, cur, observed, now)
         actions = P.decide(observed, spec.fault_tolerance, now, checkpoint=spec.checkpoint, config=self.config)
@@ -182,111 +192,6 @@ class Supervisor:
         return actions
 
     # ------------------------------------------------------------------ observe
-
-    def observe(
-        self,
-        run: dict[str, Any],
-        spec: RunSpec,
-        rd: RunDir,
-        track: RunTrack,
-        cur: dict[str, Any] | None,
-        status: O.JobStatus,
-        now: float,
-    ) -> O.Observed:
-        n = cur["attempt"] if cur else 0
-        a = track.attempts.get(str(n), {})
-        verified = self._verified_steps(rd)
-        poisoned = set(track.poisoned)
-        heartbeats = tuple(
-            O.Heartbeat(int(rank), float(v[0]), v[1], v[2])
-            for rank, v in sorted(track.heartbeats.items())
-            if v[3] == n and str(rank).lstrip("-").isdigit()
-        )
-        failures = tuple(
-            O.Failure(
-                f["kind"],
-                f["at"],
-                f["attempt"],
-                f.get("step"),
-                f.get("rank"),
-                f.get("node"),
-                f.get("detail", ""),
-                recovered=bool(f.get("recovered")),
-            )
-            for f in track.failures_of(n)
-        )
-        records = {r["node"]: r for r in store.node_records(self.ctx.ledger)}
-        excluded = {name for name, r in records.items() if r["excluded"]}
-        health = read_health(self.ctx.storage)
-        view = self.cluster_view()
-        stopped = read_cluster_downs(self.ctx.storage)
-        hosted = {str(node) for att in track.attempts.values() for node in (att.get("workers") or {}).values() if node}
-        dead = dead_by_ray(view.nodes, hosted, stopped) if view else {}
-        names = set(health) | excluded | set(track.node_failures) | set(dead)
-
-        def failures_on(name: str) -> int:  # since an operator last readmitted it; not once a user stopped it
-            since = (records.get(name) or {}).get("readmitted_at") or 0.0
-            until = stopped.get(name, math.inf) - STOP_GRACE_S
-            return sum(
-                1
-                for f in track.failures
-                if f.get("node") == name and f["kind"] in NODE_FAULTS and since < f["at"] < until
-            )
-
-        nodes = tuple(
-            O.NodeStatus(
-                name,
-                healthy=health[name].healthy if name in health else True,
-                excluded=name in excluded,
-                failures=failures_on(name),
-                reasons=health[name].reasons if name in health else (),
-                dead=dead.get(name),
-            )
-            for name in sorted(names)
-        )
-        capacity = _capacity(spec, view, excluded) if view and n and not a.get("started_at") else None
-        progressed = [track.progressed(i) for i in range(1, n)]
-        pending = None
-        if track.pending:
-            p = track.pending
-            pending = O.PendingRestart(
-                p["cause"],
-                p["decided_at"],
-                p["not_before"],
-                p.get("max_resume_step"),
-                tuple(tuple(w) for w in p.get("skip_steps", [])),
-            )
-        elapsed = now - (track.first_ts or run["created_at"])
-        prior = spec.checkpoint.mtbf_hours * 3600 if spec.checkpoint.mtbf_hours else None
-        return O.Observed(
-            run_state=RunState(run["state"]),
-            final_step=spec.train.steps,
-            attempt=n,
-            job_status=status,
-            attempt_submitted_at=cur["started_at"] if cur else None,
-            attempt_started_at=a.get("started_at"),
-            attempt_nodes=tuple(a.get("nodes", ())),
-            attempt_progressed=track.progressed(n) if n else False,
-            end_status=a.get("end"),
-            last_step=track.last_step,
-            last_step_at=track.last_step_at,
-            median_step_s=track.median_step_s(),
-            heartbeats=heartbeats,
-            failures=failures,
-            recent_losses=tuple(track.losses) if track.losses_attempt == n else (),
-            restarts=max(0, n - 1),
-            restarts_without_progress=rules.restarts_without_progress(progressed),
-            rollbacks=track.rollbacks,
-            verified_steps=tuple(s for s in verified if s not in poisoned),
-            poisoned_steps=tuple(sorted(poisoned)),
-            skip_steps=tuple(tuple(w) for w in track.skip_steps),
-            nodes=nodes,
-            pending=pending,
-            save_cost_s=track.save_cost_s(),
-            mtbf_s=rules.mtbf_estimate_s(elapsed, track.failure_count, prior),
-            interval_steps=track.interval_steps,
-            capacity=capacity,
-        )
 
     def cluster_view(self) -> ClusterView | None:
         """The Jobs port's view of the cluster, at most one query per VIEW_TTL_S (None: no view)."""
@@ -312,28 +217,6 @@ class Supervisor:
         info["waiting"] = waiting
         info["waiting_since"] = now if waiting else None
         self.ctx.ledger.update_attempt(run_id, cur["attempt"], info=info)
-
-    def _verified_steps(self, rd: RunDir) -> list[int]:
-        """Committed checkpoints that verify (sha256), cached by the files' newest mtime."""
-        out = []
-        for step in ckpt.committed_steps(rd.checkpoints):
-            path = rd.checkpoints / ckpt.step_dirname(step)
-            try:
-                key: Any = max((p.stat().st_mtime_ns, p.stat().st_size) for p in path.iterdir())
-            except (OSError, ValueError):
-                continue
-            cached = self._verified.get((str(rd.path), step))
-            if cached is None or cached[0] != key:
-                try:
-                    ckpt.verify(path)
-                    ok = True
-                except (ckpt.CheckpointCorrupt, OSError):
-                    ok = False
-                cached = (key, ok)
-                self._verified[(str(rd.path), step)] = cached
-            if cached[1]:
-                out.append(step)
-        return out
 
     # ------------------------------------------------------------------ act
 
@@ -469,27 +352,6 @@ class Supervisor:
         self.ctx.ledger.update_attempt(run_id, n, job_id=sid)
         if RunState(self.ctx.ledger.get_run(run_id)["state"]) == RunState.PENDING:
             self.ctx.ledger.transition(run_id, RunState.PROVISIONING, info.get("cause") or "submitted", n)
-
-
-def _capacity(spec: RunSpec, view: ClusterView, excluded: set[str]) -> O.Capacity | None:
-    """What the attempt's workers ask against what the cluster's nodes (not excluded) have, while Ray
-    holds requests it cannot place (None when it holds none, or the free resources are unknown)."""
-    if view.free is None or not view.pending:
-        return None
-    w = spec.workers
-    asked = {"CPU": w.num_workers * w.cpus_per_worker}
-    if w.gpus_per_worker:
-        asked["GPU"] = w.num_workers * w.gpus_per_worker
-    total: dict[str, float] = {}
-    for node in view.nodes:
-        if node.get("alive") and node.get("node_id") not in excluded:
-            for k, v in (node.get("resources_total") or {}).items():
-                total[k] = total.get(k, 0.0) + float(v)
-    return O.Capacity(
-        tuple(sorted(asked.items())),
-        tuple(sorted((k, total.get(k, 0.0)) for k in asked)),
-        tuple(sorted((k, view.free.get(k, 0.0)) for k in asked)),
-    )
 
 
 def _cause(a: A.Action) -> str:
