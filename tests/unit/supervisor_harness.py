@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from controlplane.context import Context
 from controlplane.ledger import Ledger
 from controlplane.procs import pid_alive
@@ -154,6 +156,18 @@ def supervised(tmp_path: Path, config: PolicyConfig) -> Iterator[tuple[Context, 
     finally:
         sup.close()
         jobs.kill_all()
+
+
+def env_fixture(config: PolicyConfig):
+    """The `env` fixture of a test module: `env = env_fixture(CONFIG)` gives each test
+    (ctx, jobs, supervisor) from `supervised` with that policy config."""
+
+    @pytest.fixture
+    def env(tmp_path):
+        with supervised(tmp_path, config) as e:
+            yield e
+
+    return env
 
 
 def make_run(

@@ -28,23 +28,16 @@ from controlplane.supervisor.ports import SupervisorBusy
 from tests.unit.supervisor_harness import (
     ROOT,
     ProcessJobs,
+    env_fixture,
     make_run,
-    scripted_spec,
     start_and_wait_for_a_step,
-    supervised,
     wait_terminal,
 )
+from tests.unit.supervisor_harness import scripted_spec as spec
 
 CONFIG = PolicyConfig(heartbeat_stale_s=0.6, stop_grace_s=3.0)
 
-
-spec = scripted_spec
-
-
-@pytest.fixture
-def env(tmp_path):
-    with supervised(tmp_path, CONFIG) as e:
-        yield e
+env = env_fixture(CONFIG)
 
 
 def run(env, run_id, script, s=None, timeout=60):
