@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from controlplane.spec import FaultToleranceSpec
 from controlplane.states import RunState
+from controlplane.supervisor import actions as A
+from controlplane.supervisor import observed as O
 from controlplane.supervisor import policy as P
 from controlplane.supervisor import rules
 
@@ -60,7 +62,7 @@ class PolicyDriver:
         progressed: bool,
     ) -> Verdict:
         """The failure of the current attempt has become visible at `now`: what does the policy do?"""
-        nodes = (P.NodeStatus(node, healthy=False, failures=1, reasons=(cause,)),) if node else ()
+        nodes = (O.NodeStatus(node, healthy=False, failures=1, reasons=(cause,)),) if node else ()
         common = dict(
             run_state=RunState.RUNNING if started_at is not None else RunState.RECOVERING,
             final_step=self.final_step,
@@ -79,29 +81,29 @@ class PolicyDriver:
             nodes=nodes,
         )
         if kind == "hang" and started_at is not None:
-            obs = P.Observed(job_status=P.JobStatus.RUNNING, **common)
+            obs = O.Observed(job_status=O.JobStatus.RUNNING, **common)
         else:
             fkind = _FAILURE_KIND.get(kind, "worker_died") if started_at is not None else "worker_died"
-            failure = P.Failure(fkind, now, self.attempt, last_step, node=node, detail=cause)
-            status = P.JobStatus.RUNNING if fkind == "loss_spike" else P.JobStatus.FAILED
-            obs = P.Observed(job_status=status, failures=(failure,), **common)
+            failure = O.Failure(fkind, now, self.attempt, last_step, node=node, detail=cause)
+            status = O.JobStatus.RUNNING if fkind == "loss_spike" else O.JobStatus.FAILED
+            obs = O.Observed(job_status=status, failures=(failure,), **common)
         actions = P.decide(obs, self.spec, now)
         return self._read(actions, now, progressed)
 
     def _read(self, actions: list, now: float, progressed: bool) -> Verdict:
         give_up, delay, cap, excluded, submitted = None, None, None, [], False
         for act in actions:
-            if isinstance(act, P.MarkFailed):
+            if isinstance(act, A.MarkFailed):
                 give_up = act.cause
-            elif isinstance(act, P.ExcludeNode):
+            elif isinstance(act, A.ExcludeNode):
                 excluded.append(act.node)
-            elif isinstance(act, P.Backoff):
+            elif isinstance(act, A.Backoff):
                 delay, cap, submitted = max(0.0, act.until - now), act.then.max_resume_step, True
                 self.skip_steps = act.then.skip_steps
-            elif isinstance(act, P.Submit):
+            elif isinstance(act, A.Submit):
                 delay, cap, submitted = 0.0, act.max_resume_step, True
                 self.skip_steps = act.skip_steps
-            elif isinstance(act, P.RecordIncident) and act.kind == "rollback":
+            elif isinstance(act, A.RecordIncident) and act.kind == "rollback":
                 self.rollbacks += 1
         if give_up is None and not submitted:
             # The policy saw nothing to act on: the adapter's picture of the failure is wrong.

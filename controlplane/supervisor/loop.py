@@ -11,7 +11,8 @@ One pass over a run:
 2. finish an interrupted submission: an attempt row without a job id is adopted if the Jobs
    API knows `<run_id>-a<N>`, else submitted now under that id (never a second attempt);
 3. ask the Jobs API for the current attempt's status; verify checkpoints on disk (cached);
-   read node health telemetry; build `Observed`; call `policy.decide`;
+   build `Observed` (`observe.py`: the run track, node health telemetry, Ray's node table);
+   call `policy.decide`;
 4. commit incidents, the transition, the attempt's cause, the pending restart and one
    `supervisor_decisions` row per action (one transaction); then stop jobs, submit
    (ledger.next_attempt, RunDir.set_fence, then the Jobs API), write the checkpoint interval.
@@ -23,7 +24,6 @@ Crash safety: see README.md in this package. One supervisor per storage root: a
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -37,9 +37,12 @@ from controlplane.errors import LlmctlError, RetryableError
 from controlplane.rundir import RunDir
 from controlplane.spec import RunSpec, read_record
 from controlplane.states import AttemptState, RunState
+from controlplane.supervisor import actions as A
+from controlplane.supervisor import observed as O
 from controlplane.supervisor import policy as P
-from controlplane.supervisor import rules, store
-from controlplane.supervisor.nodes import EXCLUDE_ENV, dead_by_ray, read_cluster_downs, read_health
+from controlplane.supervisor import store
+from controlplane.supervisor.nodes import EXCLUDE_ENV
+from controlplane.supervisor.observe import VerifiedCheckpoints, observe
 from controlplane.supervisor.ports import (
     ClusterView,
     JobsPort,
@@ -48,7 +51,7 @@ from controlplane.supervisor.ports import (
     SupervisorLock,
     submission_id,
 )
-from controlplane.supervisor.track import NODE_FAULTS, RunTrack
+from controlplane.supervisor.track import RunTrack
 
 log = logging.getLogger("llmctl.supervisor")
 
@@ -57,12 +60,10 @@ UNREPORTED = frozenset(
     {"crash", "job_lost", "job_stopped", "early_exit", "node_unhealthy", "node_dead", "unschedulable"}
 )
 VIEW_TTL_S = 2.0
-# failures seen from this long before a user's `cluster down` of their node are the user's doing
-STOP_GRACE_S = 10.0
 _ATTEMPT_STATE = {
-    P.JobStatus.SUCCEEDED: AttemptState.SUCCEEDED,
-    P.JobStatus.FAILED: AttemptState.FAILED,
-    P.JobStatus.STOPPED: AttemptState.STOPPED,
+    O.JobStatus.SUCCEEDED: AttemptState.SUCCEEDED,
+    O.JobStatus.FAILED: AttemptState.FAILED,
+    O.JobStatus.STOPPED: AttemptState.STOPPED,
 }
 
 
@@ -75,7 +76,7 @@ class Supervisor:
         ctx: Context,
         jobs: JobsPort | None = None,
         *,
-        config: P.PolicyConfig = P.PolicyConfig(),
+        config: O.PolicyConfig = O.PolicyConfig(),
         clock: Callable[[], float] = time.time,
         exclusive: bool = False,
     ):
@@ -86,7 +87,7 @@ class Supervisor:
         self.config = config
         self.clock = clock
         self.lock = SupervisorLock(ctx.storage)
-        self._verified: dict[tuple[str, int], tuple[Any, bool]] = {}
+        self._verified = VerifiedCheckpoints()
         self._view: tuple[float, ClusterView | None] = (-1e9, None)
         if exclusive:
             self.lock.acquire()
@@ -96,11 +97,11 @@ class Supervisor:
 
     # ------------------------------------------------------------------ passes
 
-    def tick(self) -> dict[str, list[P.Action]]:
+    def tick(self) -> dict[str, list[A.Action]]:
         """One pass over every live run (takes the lock for good). A run whose pass fails is logged
         and retried next tick."""
         self.lock.acquire()
-        out: dict[str, list[P.Action]] = {}
+        out: dict[str, list[A.Action]] = {}
         for run in self.ctx.ledger.live_runs():
             try:
                 out[run["run_id"]] = self._reconcile(run["run_id"])
@@ -116,7 +117,7 @@ class Supervisor:
             self.tick()
             stop.wait(max(0.05, interval_s - (time.monotonic() - started)))
 
-    def reconcile_run(self, run_id: str) -> list[P.Action]:
+    def reconcile_run(self, run_id: str) -> list[A.Action]:
         """One pass over one run. Without the lock held for good (`exclusive`, `run_forever`), the
         lock is taken for this pass only; if another supervisor holds it, the pass is skipped."""
         if self.lock.held:
@@ -133,7 +134,7 @@ class Supervisor:
         finally:
             self.lock.release()
 
-    def _reconcile(self, run_id: str) -> list[P.Action]:
+    def _reconcile(self, run_id: str) -> list[A.Action]:
         ledger = self.ctx.ledger
         run = ledger.get_run(run_id)
         state = RunState(run["state"])
@@ -164,14 +165,25 @@ class Supervisor:
             cur = ledger.current_attempt(run_id)
 
         # 3. observe and decide
-        status = self.jobs.status(cur["job_id"]) if cur and cur.get("job_id") else P.JobStatus.MISSING
+        status = self.jobs.status(cur["job_id"]) if cur and cur.get("job_id") else O.JobStatus.MISSING
         if cur is not None:
-            if status is P.JobStatus.RUNNING and cur["state"] == AttemptState.SUBMITTED:
+            if status is O.JobStatus.RUNNING and cur["state"] == AttemptState.SUBMITTED:
                 store.set_attempt_state(ledger, run_id, cur["attempt"], AttemptState.RUNNING)
             elif status in _ATTEMPT_STATE:
                 store.set_attempt_state(ledger, run_id, cur["attempt"], _ATTEMPT_STATE[status])
         now = self.clock()
-        observed = self.observe(run, spec, rd, track, cur, status, now)
+        observed = observe(
+            self.ctx,
+            run,
+            spec,
+            rd,
+            track,
+            cur,
+            status,
+            now,
+            verified=self._verified.steps(rd),
+            view=self.cluster_view(),
+        )
         if cur is not None:
             self._note_waiting(run_id, cur, observed, now)
         actions = P.decide(observed, spec.fault_tolerance, now, checkpoint=spec.checkpoint, config=self.config)
@@ -180,111 +192,6 @@ class Supervisor:
         return actions
 
     # ------------------------------------------------------------------ observe
-
-    def observe(
-        self,
-        run: dict[str, Any],
-        spec: RunSpec,
-        rd: RunDir,
-        track: RunTrack,
-        cur: dict[str, Any] | None,
-        status: P.JobStatus,
-        now: float,
-    ) -> P.Observed:
-        n = cur["attempt"] if cur else 0
-        a = track.attempts.get(str(n), {})
-        verified = self._verified_steps(rd)
-        poisoned = set(track.poisoned)
-        heartbeats = tuple(
-            P.Heartbeat(int(rank), float(v[0]), v[1], v[2])
-            for rank, v in sorted(track.heartbeats.items())
-            if v[3] == n and str(rank).lstrip("-").isdigit()
-        )
-        failures = tuple(
-            P.Failure(
-                f["kind"],
-                f["at"],
-                f["attempt"],
-                f.get("step"),
-                f.get("rank"),
-                f.get("node"),
-                f.get("detail", ""),
-                recovered=bool(f.get("recovered")),
-            )
-            for f in track.failures_of(n)
-        )
-        records = {r["node"]: r for r in store.node_records(self.ctx.ledger)}
-        excluded = {name for name, r in records.items() if r["excluded"]}
-        health = read_health(self.ctx.storage)
-        view = self.cluster_view()
-        stopped = read_cluster_downs(self.ctx.storage)
-        hosted = {str(node) for att in track.attempts.values() for node in (att.get("workers") or {}).values() if node}
-        dead = dead_by_ray(view.nodes, hosted, stopped) if view else {}
-        names = set(health) | excluded | set(track.node_failures) | set(dead)
-
-        def failures_on(name: str) -> int:  # since an operator last readmitted it; not once a user stopped it
-            since = (records.get(name) or {}).get("readmitted_at") or 0.0
-            until = stopped.get(name, math.inf) - STOP_GRACE_S
-            return sum(
-                1
-                for f in track.failures
-                if f.get("node") == name and f["kind"] in NODE_FAULTS and since < f["at"] < until
-            )
-
-        nodes = tuple(
-            P.NodeStatus(
-                name,
-                healthy=health[name].healthy if name in health else True,
-                excluded=name in excluded,
-                failures=failures_on(name),
-                reasons=health[name].reasons if name in health else (),
-                dead=dead.get(name),
-            )
-            for name in sorted(names)
-        )
-        capacity = _capacity(spec, view, excluded) if view and n and not a.get("started_at") else None
-        progressed = [track.progressed(i) for i in range(1, n)]
-        pending = None
-        if track.pending:
-            p = track.pending
-            pending = P.PendingRestart(
-                p["cause"],
-                p["decided_at"],
-                p["not_before"],
-                p.get("max_resume_step"),
-                tuple(tuple(w) for w in p.get("skip_steps", [])),
-            )
-        elapsed = now - (track.first_ts or run["created_at"])
-        prior = spec.checkpoint.mtbf_hours * 3600 if spec.checkpoint.mtbf_hours else None
-        return P.Observed(
-            run_state=RunState(run["state"]),
-            final_step=spec.train.steps,
-            attempt=n,
-            job_status=status,
-            attempt_submitted_at=cur["started_at"] if cur else None,
-            attempt_started_at=a.get("started_at"),
-            attempt_nodes=tuple(a.get("nodes", ())),
-            attempt_progressed=track.progressed(n) if n else False,
-            end_status=a.get("end"),
-            last_step=track.last_step,
-            last_step_at=track.last_step_at,
-            median_step_s=track.median_step_s(),
-            heartbeats=heartbeats,
-            failures=failures,
-            recent_losses=tuple(track.losses) if track.losses_attempt == n else (),
-            restarts=max(0, n - 1),
-            restarts_without_progress=rules.restarts_without_progress(progressed),
-            rollbacks=track.rollbacks,
-            verified_steps=tuple(s for s in verified if s not in poisoned),
-            poisoned_steps=tuple(sorted(poisoned)),
-            skip_steps=tuple(tuple(w) for w in track.skip_steps),
-            nodes=nodes,
-            pending=pending,
-            save_cost_s=track.save_cost_s(),
-            mtbf_s=rules.mtbf_estimate_s(elapsed, track.failure_count, prior),
-            interval_steps=track.interval_steps,
-            capacity=capacity,
-        )
 
     def cluster_view(self) -> ClusterView | None:
         """The Jobs port's view of the cluster, at most one query per VIEW_TTL_S (None: no view)."""
@@ -300,7 +207,7 @@ class Supervisor:
         self._view = (time.monotonic(), view)
         return view
 
-    def _note_waiting(self, run_id: str, cur: dict[str, Any], o: P.Observed, now: float) -> None:
+    def _note_waiting(self, run_id: str, cur: dict[str, Any], o: O.Observed, now: float) -> None:
         """Keep in the attempt's info what it waits for (`run status` prints it); written only on change."""
         c = o.capacity
         waiting = c.describe() if c is not None and c.short() else None
@@ -311,28 +218,6 @@ class Supervisor:
         info["waiting_since"] = now if waiting else None
         self.ctx.ledger.update_attempt(run_id, cur["attempt"], info=info)
 
-    def _verified_steps(self, rd: RunDir) -> list[int]:
-        """Committed checkpoints that verify (sha256), cached by the files' newest mtime."""
-        out = []
-        for step in ckpt.committed_steps(rd.checkpoints):
-            path = rd.checkpoints / ckpt.step_dirname(step)
-            try:
-                key: Any = max((p.stat().st_mtime_ns, p.stat().st_size) for p in path.iterdir())
-            except (OSError, ValueError):
-                continue
-            cached = self._verified.get((str(rd.path), step))
-            if cached is None or cached[0] != key:
-                try:
-                    ckpt.verify(path)
-                    ok = True
-                except (ckpt.CheckpointCorrupt, OSError):
-                    ok = False
-                cached = (key, ok)
-                self._verified[(str(rd.path), step)] = cached
-            if cached[1]:
-                out.append(step)
-        return out
-
     # ------------------------------------------------------------------ act
 
     def _act(
@@ -341,8 +226,8 @@ class Supervisor:
         spec: RunSpec,
         rd: RunDir,
         track: RunTrack,
-        o: P.Observed,
-        actions: list[P.Action],
+        o: O.Observed,
+        actions: list[A.Action],
         now: float,
     ) -> None:
         ledger = self.ctx.ledger
@@ -350,11 +235,11 @@ class Supervisor:
         transition: tuple[RunState, str] | None = None
         attempt_fields: dict[str, Any] = {}
         decisions = [(type(a).__name__, _cause(a), _detail(a)) for a in actions]
-        submit: P.Submit | None = None
-        stops: list[P.StopJob] = []
+        submit: A.Submit | None = None
+        stops: list[A.StopJob] = []
         interval: int | None = None
         for a in actions:
-            if isinstance(a, P.RecordIncident):
+            if isinstance(a, A.RecordIncident):
                 incidents.append((a.kind, {"source": "supervisor", **a.detail}))
                 if a.kind != "rollback":
                     attempt_fields.setdefault("cause", a.kind)
@@ -369,17 +254,17 @@ class Supervisor:
                     bad = int(a.detail["bad_step"])
                     on_disk = ckpt.committed_steps(rd.checkpoints)
                     track.poisoned = sorted(set(track.poisoned) | {s for s in on_disk if s >= bad})
-            elif isinstance(a, P.MarkRunning):
+            elif isinstance(a, A.MarkRunning):
                 transition = (RunState.RUNNING, a.cause)
-            elif isinstance(a, P.MarkRecovering):
+            elif isinstance(a, A.MarkRecovering):
                 transition = (RunState.RECOVERING, a.cause)
-            elif isinstance(a, P.MarkSucceeded):
+            elif isinstance(a, A.MarkSucceeded):
                 transition = (RunState.SUCCEEDED, a.cause)
-            elif isinstance(a, P.MarkFailed):
+            elif isinstance(a, A.MarkFailed):
                 transition = (RunState.FAILED, a.cause)
-            elif isinstance(a, P.MarkStopped):
+            elif isinstance(a, A.MarkStopped):
                 transition = (RunState.STOPPED, a.cause)
-            elif isinstance(a, P.Backoff):
+            elif isinstance(a, A.Backoff):
                 s = a.then
                 track.pending = {
                     "cause": s.cause,
@@ -390,14 +275,14 @@ class Supervisor:
                     "after_attempt": o.attempt,
                 }
                 track.skip_steps = [list(w) for w in s.skip_steps]
-            elif isinstance(a, P.Submit):
+            elif isinstance(a, A.Submit):
                 submit = a
                 track.skip_steps = [list(w) for w in a.skip_steps]
-            elif isinstance(a, P.StopJob):
+            elif isinstance(a, A.StopJob):
                 stops.append(a)
-            elif isinstance(a, P.ExcludeNode):
+            elif isinstance(a, A.ExcludeNode):
                 store.exclude_node(ledger, a.node, a.evidence, run_id, {"attempt": o.attempt})
-            elif isinstance(a, P.SetCheckpointInterval):
+            elif isinstance(a, A.SetCheckpointInterval):
                 interval = a.steps
                 track.interval_steps = a.steps
         if transition and transition[0] in (RunState.FAILED, RunState.STOPPED) and o.job_status.is_live:
@@ -428,7 +313,7 @@ class Supervisor:
         except LlmctlError as exc:
             log.warning("stopping %s: %s", sid, exc)
 
-    def _submit(self, run_id: str, rd: RunDir, s: P.Submit) -> None:
+    def _submit(self, run_id: str, rd: RunDir, s: A.Submit) -> None:
         ledger = self.ctx.ledger
         cur = ledger.current_attempt(run_id)
         if (cur["attempt"] if cur else 0) != s.attempt - 1:
@@ -453,7 +338,7 @@ class Supervisor:
         info = cur.get("info") or {}
         if rd.current_fence() < n:
             rd.set_fence(n)
-        if self.jobs.status(sid) is P.JobStatus.MISSING:
+        if self.jobs.status(sid) is O.JobStatus.MISSING:
             env = {EXCLUDE_ENV: ",".join(info.get("exclude_nodes") or [])} if info.get("exclude_nodes") else {}
             sid = self.jobs.submit(
                 rd,
@@ -469,37 +354,16 @@ class Supervisor:
             self.ctx.ledger.transition(run_id, RunState.PROVISIONING, info.get("cause") or "submitted", n)
 
 
-def _capacity(spec: RunSpec, view: ClusterView, excluded: set[str]) -> P.Capacity | None:
-    """What the attempt's workers ask against what the cluster's nodes (not excluded) have, while Ray
-    holds requests it cannot place (None when it holds none, or the free resources are unknown)."""
-    if view.free is None or not view.pending:
-        return None
-    w = spec.workers
-    asked = {"CPU": w.num_workers * w.cpus_per_worker}
-    if w.gpus_per_worker:
-        asked["GPU"] = w.num_workers * w.gpus_per_worker
-    total: dict[str, float] = {}
-    for node in view.nodes:
-        if node.get("alive") and node.get("node_id") not in excluded:
-            for k, v in (node.get("resources_total") or {}).items():
-                total[k] = total.get(k, 0.0) + float(v)
-    return P.Capacity(
-        tuple(sorted(asked.items())),
-        tuple(sorted((k, total.get(k, 0.0)) for k in asked)),
-        tuple(sorted((k, view.free.get(k, 0.0)) for k in asked)),
-    )
-
-
-def _cause(a: P.Action) -> str:
+def _cause(a: A.Action) -> str:
     for attr in ("cause", "reason", "evidence", "kind"):
         if hasattr(a, attr):
             return str(getattr(a, attr))
-    if isinstance(a, P.Backoff):
+    if isinstance(a, A.Backoff):
         return a.then.cause
     return type(a).__name__
 
 
-def _detail(a: P.Action) -> dict[str, Any]:
+def _detail(a: A.Action) -> dict[str, Any]:
     return asdict(a)
 
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from controlplane.context import Context
 from controlplane.errors import LlmctlError, RetryableError, UserError
 from controlplane.rundir import RunDir
-from controlplane.supervisor import policy as P
+from controlplane.supervisor import observed as O
 
 
 def submission_id(run_id: str, attempt: int) -> str:
@@ -32,7 +32,7 @@ def submission_id(run_id: str, attempt: int) -> str:
 class JobsPort(Protocol):
     """What the loop needs from a job scheduler. Every method is idempotent."""
 
-    def status(self, sid: str) -> P.JobStatus: ...
+    def status(self, sid: str) -> O.JobStatus: ...
 
     def submit(
         self,
@@ -76,10 +76,10 @@ class RayJobs:
                 f"Ray Jobs API: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
             ) from exc
 
-    def status(self, sid: str) -> P.JobStatus:
+    def status(self, sid: str) -> O.JobStatus:
         from controlplane import ray_cluster
 
-        return P.JobStatus(self._call(lambda c: ray_cluster.job_status(self.cluster, sid, client=c)))
+        return O.JobStatus(self._call(lambda c: ray_cluster.job_status(self.cluster, sid, client=c)))
 
     def submit(self, run_dir, attempt, *, max_resume_step, skip_steps, env_vars) -> str:
         from controlplane import ray_cluster

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +80,11 @@ def vllm_status() -> tuple[bool, str]:
     if device == "cpu":
         return True, "vLLM's CPU build (no GPU)"
     return False, f"vLLM is installed but found no platform it supports (device {device or 'none'})"
+
+
+def _in_ray_worker() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def render_prompts(tokenizer: Any, req: CompletionRequest) -> list[list[int]]:
@@ -179,6 +185,13 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.device = str(current_platform.device_type)
+        if self.device == "cpu" and _in_ray_worker():
+            # In a Ray worker vLLM must spawn its processes, not fork them, and on CPU it runs the
+            # model in a worker process of its own beside the engine core: each one imports torch
+            # and vLLM afresh. One engine per replica needs no second process: the model runs in
+            # the engine core (vLLM's uniprocess executor), and the replica is ready in about
+            # half the time.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.tok = AutoTokenizer.from_pretrained(str(model_dir))
         self._stats: dict[str, float] = {"kv_cache_usage": 0.0, "running": 0.0, "waiting": 0.0}
         if kv_cache_bytes is None and self.device == "cpu":

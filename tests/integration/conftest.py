@@ -2,7 +2,8 @@
 
 The cluster lives under a session-wide storage root; tests that use it point LLMCTL_HOME
 there (`cluster_home`), and keep apart by their unique run ids. A small dataset is prepared
-once for the session from the default corpus.
+once for the session from the default corpus, and a generated 200 MB web-like corpus
+(`big_corpus`, tests/corpus.py) is written at most once per session.
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ def dataset_dir(ray_home):
     if not (out / "meta.json").exists():
         prepare("manpages-ja", out, vocab_size=1024, heldout_fraction=0.05, seed=0)
     return out
+
+
+CORPUS_MB = 200
+
+
+@pytest.fixture(scope="session")
+def big_corpus(tmp_path_factory):
+    """CORPUS_MB of generated jsonl (8 files), written once for the session (a few seconds)."""
+    from tests.corpus import write_corpus
+
+    root = tmp_path_factory.mktemp("corpus") / "web"
+    size = write_corpus(root, CORPUS_MB, seed=0, files=8)
+    assert size >= CORPUS_MB * 1024 * 1024
+    return root
 
 
 def wait_for(check: Callable[[], object], timeout: float, what: str, every: float = 0.25):

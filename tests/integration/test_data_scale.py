@@ -20,19 +20,11 @@ from typer.testing import CliRunner
 from controlplane.cli.main import app
 from controlplane.context import Context
 from tests.corpus import write_corpus
+from tests.integration.conftest import CORPUS_MB
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
 WORKER_RSS_BOUND = 1 << 30
-CORPUS_MB = 200
-
-
-@pytest.fixture(scope="module")
-def big_corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus") / "web"
-    size = write_corpus(root, CORPUS_MB, seed=0, files=8)
-    assert size >= CORPUS_MB * 1024 * 1024
-    return root
 
 
 def llmctl(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:

@@ -3,7 +3,8 @@
 One Ray instance, one service and one ledger for the module (the stable version carries
 over from test to test, as it would in production); continuous HTTP traffic from threads.
 The OpenAI API tests come first and share the first version's vLLM engine: an engine
-starts once per version, not once per test.
+starts once per version, not once per test. Candidates that only exist to be rolled back by a
+drill run the transformers engine, which starts in seconds.
 """
 
 from __future__ import annotations
@@ -268,9 +269,13 @@ def test_candidate_below_minimums_never_serves(cluster, monkeypatch):
     ids=["errors", "slow"],
 )
 def test_faulty_candidate_rolls_back_while_stable_serves(cluster, step, drill, why):
+    """The drill is the replica's own (jobs/serve/responder.py, in front of the engine), so these
+    candidates run the transformers engine: each starts in seconds instead of a vLLM engine's
+    minute or two. The vLLM candidates of this module are the ones that get promoted."""
     ctx, backend, base, url = cluster
     stable = stable_of(ctx)
-    spec = RolloutSpec(model=f"{RUN}@{step}", drill=drill, **{**base, "min_requests": 4})
+    serve = base["serve"].model_copy(update={"engine": "transformers"})
+    spec = RolloutSpec(model=f"{RUN}@{step}", drill=drill, **{**base, "min_requests": 4, "serve": serve})
     with Traffic(url) as traffic:
         time.sleep(0.5)
         row = RolloutController(ctx, backend).start(spec)

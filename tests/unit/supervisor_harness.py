@@ -19,13 +19,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from controlplane.context import Context
 from controlplane.ledger import Ledger
 from controlplane.procs import pid_alive
 from controlplane.rundir import RunDir
 from controlplane.spec import RunSpec, dump_spec
 from controlplane.supervisor.loop import Supervisor
-from controlplane.supervisor.policy import JobStatus, PolicyConfig
+from controlplane.supervisor.observed import JobStatus, PolicyConfig
 from controlplane.supervisor.ports import ClusterView
 
 SCRIPT = Path(__file__).with_name("scripted_job.py")
@@ -154,6 +156,18 @@ def supervised(tmp_path: Path, config: PolicyConfig) -> Iterator[tuple[Context, 
     finally:
         sup.close()
         jobs.kill_all()
+
+
+def env_fixture(config: PolicyConfig):
+    """The `env` fixture of a test module: `env = env_fixture(CONFIG)` gives each test
+    (ctx, jobs, supervisor) from `supervised` with that policy config."""
+
+    @pytest.fixture
+    def env(tmp_path):
+        with supervised(tmp_path, config) as e:
+            yield e
+
+    return env
 
 
 def make_run(

@@ -17,27 +17,20 @@ from controlplane.cli.main import app
 from controlplane.errors import UserError
 from controlplane.procs import pid_alive
 from controlplane.supervisor import nodes, store
-from controlplane.supervisor.policy import JobStatus, PolicyConfig
+from controlplane.supervisor.observed import JobStatus, PolicyConfig
 from controlplane.supervisor.ports import SupervisorLock
 from tests.unit.supervisor_harness import (
     ProcessJobs,
+    env_fixture,
     make_run,
-    scripted_spec,
     start_and_wait_for_a_step,
-    supervised,
     wait_terminal,
 )
+from tests.unit.supervisor_harness import scripted_spec as spec
 
 CONFIG = PolicyConfig(heartbeat_stale_s=0.6, stop_grace_s=3.0, unschedulable_after_s=1.0)
 
-
-spec = scripted_spec
-
-
-@pytest.fixture
-def env(tmp_path):
-    with supervised(tmp_path, CONFIG) as e:
-        yield e
+env = env_fixture(CONFIG)
 
 
 def wait_job(jobs: ProcessJobs, sid: str, timeout: float = 30) -> JobStatus:

@@ -23,28 +23,21 @@ from controlplane.errors import RetryableError
 from controlplane.spec import RunSpec
 from controlplane.supervisor import store
 from controlplane.supervisor.loop import Supervisor
-from controlplane.supervisor.policy import PolicyConfig
+from controlplane.supervisor.observed import PolicyConfig
 from controlplane.supervisor.ports import SupervisorBusy
 from tests.unit.supervisor_harness import (
     ROOT,
     ProcessJobs,
+    env_fixture,
     make_run,
-    scripted_spec,
     start_and_wait_for_a_step,
-    supervised,
     wait_terminal,
 )
+from tests.unit.supervisor_harness import scripted_spec as spec
 
 CONFIG = PolicyConfig(heartbeat_stale_s=0.6, stop_grace_s=3.0)
 
-
-spec = scripted_spec
-
-
-@pytest.fixture
-def env(tmp_path):
-    with supervised(tmp_path, CONFIG) as e:
-        yield e
+env = env_fixture(CONFIG)
 
 
 def run(env, run_id, script, s=None, timeout=60):
@@ -215,7 +208,7 @@ from pathlib import Path
 from controlplane.context import Context
 from controlplane.errors import RetryableError
 from controlplane.supervisor.loop import Supervisor
-from controlplane.supervisor.policy import PolicyConfig
+from controlplane.supervisor.observed import PolicyConfig
 from tests.unit.supervisor_harness import ProcessJobs
 sup = Supervisor(Context.load(), ProcessJobs(Path(sys.argv[1])), config=PolicyConfig(heartbeat_stale_s=0.6, stop_grace_s=3.0),
                  exclusive=True)

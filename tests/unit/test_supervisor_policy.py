@@ -8,27 +8,29 @@ import pytest
 
 from controlplane.spec import CheckpointSpec, FaultToleranceSpec
 from controlplane.states import RunState
-from controlplane.supervisor.policy import (
+from controlplane.supervisor.actions import (
     Backoff,
     ExcludeNode,
-    Failure,
-    Heartbeat,
-    JobStatus,
     MarkFailed,
     MarkRecovering,
     MarkRunning,
     MarkStopped,
     MarkSucceeded,
-    NodeStatus,
-    Observed,
-    PendingRestart,
-    PolicyConfig,
     RecordIncident,
     SetCheckpointInterval,
     StopJob,
     Submit,
-    decide,
 )
+from controlplane.supervisor.observed import (
+    Failure,
+    Heartbeat,
+    JobStatus,
+    NodeStatus,
+    Observed,
+    PendingRestart,
+    PolicyConfig,
+)
+from controlplane.supervisor.policy import decide
 from controlplane.supervisor.rules import (
     backoff_delay_s,
     hang_timeout_s,
@@ -449,7 +451,7 @@ def test_a_node_ray_reports_dead_is_excluded_with_ray_s_reason_and_the_attempt_m
 
 
 def _waiting(cap, **kw):
-    from controlplane.supervisor.policy import Capacity
+    from controlplane.supervisor.observed import Capacity
 
     c = Capacity(*cap)
     return running(
