@@ -27,6 +27,7 @@ DEFAULT_INTERVAL = 25
 PIPELINE_DEPTH = 2
 HB_STALE_S = 6.0
 POLL_S = 0.5
+PROBE_S = 2.0  # a rank whose process does not answer a probe within this is hung
 SPARE_START_S = 120.0
 
 
@@ -92,14 +93,16 @@ class Driver(RecoveryMixin, WorldMixin):
 
     # ------------------------------------------------------------------ actors
 
-    def _form_group(self) -> dict[int, dict[str, Any]]:
+    def _form_group(self, keep: bool = False) -> dict[int, dict[str, Any]]:
+        """(Re-)form the process group; `keep`: sharded ranks keep their shards from memory."""
         import ray
 
         addr, port = ray.get(self.slots[0].actor.free_port.remote(), timeout=60)
         self.groups += 1
         tag = f"g{self.groups}"
         refs = {
-            r: s.actor.join.remote(addr, port, r, self.world, self.pg_timeout_s, tag) for r, s in self.slots.items()
+            r: s.actor.join.remote(addr, port, r, self.world, self.pg_timeout_s, tag, keep)
+            for r, s in self.slots.items()
         }
         return {r: ray.get(ref, timeout=120) for r, ref in refs.items()}
 
@@ -368,7 +371,7 @@ class Driver(RecoveryMixin, WorldMixin):
                 return results, dead, time.time()
             waited = time.monotonic() - t0
             if left and waited > max(HB_STALE_S, 3 * self._median_step()):
-                stale = self._stale_ranks(set(left))
+                stale = [r for r in self._stale_ranks(set(left)) if not self._answers(r)]
                 if stale:
                     for r in stale:
                         dead[r] = ("hang", f"no heartbeat for {HB_STALE_S}s during step {step_no}")
@@ -378,6 +381,17 @@ class Driver(RecoveryMixin, WorldMixin):
                     self.events.emit("failure", kind="hang", step=self.step, rank=None, detail=f"step {step_no} stuck")
                     raise JobExit(EXIT_CRASH)
         return results, dead, time.time()
+
+    def _answers(self, rank: int) -> bool:
+        """Whether the rank's process answers a probe (its control thread, not behind the step): a
+        silent heartbeat of a process that answers is a slow write, not a hang."""
+        import ray
+
+        try:
+            ray.get(self.slots[rank].actor.probe.remote(), timeout=PROBE_S)
+            return True
+        except Exception:
+            return False
 
     def _median_step(self) -> float:
         return statistics.median(self.step_times) if self.step_times else 1.0

@@ -27,7 +27,7 @@ class WorkerFactory:
         """A new worker actor and the reference of its `info()` (ready once it is placed and built)."""
         import ray
 
-        from jobs.pretrain.worker import TrainWorker
+        from jobs.pretrain.worker import CONTROL, TrainWorker
 
         w = self.run.workers
         opts: dict[str, Any] = {}
@@ -35,8 +35,13 @@ class WorkerFactory:
             self.excluded = ray_nodes_to_exclude(self.exclude, ray.nodes())
             if self.excluded:
                 opts["label_selector"] = {"ray.io/node-id": f"!in({','.join(sorted(self.excluded))})"}
-        cls = ray.remote(TrainWorker).options(
-            num_cpus=w.cpus_per_worker, num_gpus=w.gpus_per_worker, max_restarts=0, max_task_retries=0, **opts
+        # probe() is answered while step() runs (its own concurrency group); step calls stay in order
+        cls = ray.remote(concurrency_groups={CONTROL: 1})(TrainWorker).options(
+            num_cpus=w.cpus_per_worker,
+            num_gpus=w.gpus_per_worker,
+            max_restarts=0,
+            max_task_retries=0,
+            **opts,
         )
         actor = cls.remote({**self.config, "drills": drills})
         return actor, actor.info.remote()

@@ -91,8 +91,11 @@ class RecoveryMixin:
         survivors = [r for r in survivors if r in status]
         src = max(survivors, key=lambda r: status[r]["step"])
         src_step = status[src]["step"]
-        if self.sharded:
+        from_memory = not self.sharded or self._replicas_hold(lost, survivors, status)
+        if not from_memory:
             self._reload_in_place(max(src_step, self.step) + 1)
+        elif self.sharded:
+            self._restore_from_replicas(lost, survivors, src_step)
         else:
             self.metrics_url = self._form_group()[0].get("metrics_url")
             ray.get([s.actor.sync_state.remote(src) for s in self.slots.values()], timeout=600)
@@ -100,10 +103,33 @@ class RecoveryMixin:
         for p in replaced:
             self.slots[0].actor.note_restart.remote(p.cause)
         caught_up = None
-        if src_step > self.step and not self.sharded:
+        if src_step > self.step and from_memory:
             last = {r: status[r]["last"] for r in survivors if (status[r]["last"] or {}).get("step") == src_step}
             caught_up = (src_step, last)
         return replaced, caught_up
+
+    def _replicas_hold(self, lost: set[int], survivors: list[int], status: dict[int, dict]) -> bool:
+        """HSDP: every lost rank's mesh position has a survivor in another replica group, and the
+        survivors stand at one step (none of them half a step ahead)."""
+        replicate = self.run.parallelism.replicate
+        if replicate <= 1 or len({status[r]["step"] for r in survivors}) != 1:
+            return False
+        shard = self.world // replicate
+        return all(any(s % shard == d % shard for s in survivors) for d in lost)
+
+    def _restore_from_replicas(self, lost: set[int], survivors: list[int], step: int) -> None:
+        """HSDP tier 1: the survivors keep their shards in memory across the re-formed group, and each
+        replacement gets its own from the rank at its mesh position in a healthy replica group."""
+        import ray
+
+        self._reap_checkpoint(timeout=0)
+        self.ckpt_call = None  # a save of the old group never commits
+        self.metrics_url = self._form_group(keep=True)[0].get("metrics_url")
+        ray.get([s.actor.sync_replica.remote(survivors) for s in self.slots.values()], timeout=600)
+        shard = self.world // self.run.parallelism.replicate
+        sources = {d: next(s for s in sorted(survivors) if s % shard == d % shard) for d in sorted(lost)}
+        self.events.emit("replica_restored", step=step, sources={str(d): s for d, s in sources.items()})
+        ray.get([s.actor.disarm.remote(step + 1) for s in self.slots.values()], timeout=60)
 
     def _take_spare(self) -> tuple[Any, str]:
         """A warm spare if there is one (even one still starting beats a new actor), else a new actor."""

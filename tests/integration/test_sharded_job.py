@@ -70,12 +70,40 @@ def zero3(ray_env, dataset, tmp_path_factory):
     return rd
 
 
-@pytest.mark.parametrize("stage,replicate", [(0, 1), (2, 1), (1, 2)], ids=["zero0", "zero2", "hsdp-2x1"])
-def test_layouts_reach_the_single_process_loss(reference, ray_env, dataset, tmp_path, stage, replicate):
-    rd, proc = ran(tmp_path, dataset, ray_env, f"z{stage}r{replicate}", stage=stage, replicate=replicate)
+@pytest.fixture(scope="module")
+def hsdp(ray_env, dataset, tmp_path_factory):
+    rd, proc = ran(tmp_path_factory.mktemp("hsdp"), dataset, ray_env, "hsdp", stage=1, replicate=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return rd
+
+
+@pytest.mark.parametrize("stage", [0, 2, "hsdp-2x1"], ids=["zero0", "zero2", "hsdp-2x1"])
+def test_layouts_reach_the_single_process_loss(reference, ray_env, dataset, tmp_path, stage, request):
+    if stage == "hsdp-2x1":
+        rd = request.getfixturevalue("hsdp")
+    else:
+        rd, proc = ran(tmp_path, dataset, ray_env, f"z{stage}", stage=stage)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     assert loss_at(rd, STEPS) == pytest.approx(loss_at(reference, STEPS), abs=LOSS_TOL)
     assert loss_at(rd, STEPS) < loss_at(rd, 1) - 0.3  # it learns
+
+
+def test_hsdp_replacement_gets_its_shards_from_a_replica(hsdp, ray_env, dataset, tmp_path):
+    """HSDP 2x1: the killed rank's shards are held by the rank at its mesh position in the other
+    replica group; the replacement gets them from there (no checkpoint read) and the run goes on
+    from the step it was in, ending at the uninterrupted run's loss exactly."""
+    rd, proc = ran(
+        tmp_path, dataset, ray_env, "hsdp-kill", stage=1, replicate=2,
+        faults=[{"kind": "kill_worker", "at_step": 35, "rank": 1}],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(by_type(rd, "start")) == 1 and not by_type(rd, "reloaded")
+    (restored,) = by_type(rd, "replica_restored")
+    assert restored["step"] == 34 and restored["sources"] == {"1": 0}
+    (rep,) = by_type(rd, "worker_replaced")
+    assert rep["rank"] == 1 and rep["cause"] == "worker_died"
+    assert [e["step"] for e in by_type(rd, "step")] == list(range(1, STEPS + 1))
+    assert loss_at(rd, STEPS) == loss_at(hsdp, STEPS)
 
 
 def test_zero3_matches_and_writes_verified_shards(reference, zero3):
