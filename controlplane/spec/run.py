@@ -253,7 +253,8 @@ class ParallelismSpec(StrictModel):
         1,
         description="HSDP: replica groups. Stages 1-3 shard over num_workers / replicate workers and "
         "replicate across the groups (e.g. shard within a node, replicate across nodes); must divide "
-        "num_workers; 1 shards over all workers.",
+        "num_workers; 1 shards over all workers. With 2 or more, a replaced worker gets its shards from "
+        "its mesh position in a healthy replica group instead of every rank reloading the checkpoint.",
     )
     activation_checkpointing: Literal["none", "selective", "full"] = Field(
         "none",
