@@ -2,6 +2,10 @@
 
     python benchmarks/recovery.py [--steps 24] [--kill-at 10] [--interval 8] [--spares 1]
 
+The llmctl runs are repeated with `zero_stage: 3` (FSDP2, sharded DCP checkpoints): tier 1
+there reloads the newest verified checkpoint in place (the dead rank's shards are in no
+survivor's memory), and the sharded saves give the DCP async vs sync blocking ratio.
+
 Everything runs in this invocation, on one local Ray cluster (token auth on), with the same
 tiny Llama model (transformers LlamaForCausalLM, `tiny` preset), 2 CPU workers, the same
 global batch and sequence length:
@@ -47,7 +51,9 @@ from controlplane.spec import ClusterSpec, RunSpec, StorageSpec  # noqa: E402
 from controlplane.supervisor.loop import Supervisor  # noqa: E402
 
 
-def run_spec(name: str, args: argparse.Namespace, *, async_save: bool, fault: dict, spares: int = 0) -> RunSpec:
+def run_spec(
+    name: str, args: argparse.Namespace, *, async_save: bool, fault: dict, spares: int = 0, stage: int = 0
+) -> RunSpec:
     return RunSpec.model_validate(
         {
             "name": name,
@@ -57,6 +63,7 @@ def run_spec(name: str, args: argparse.Namespace, *, async_save: bool, fault: di
             "checkpoint": {"interval_steps": args.interval, "keep_last": 3, "async_save": async_save},
             "fault_tolerance": {"backoff_initial_s": 0.0, "hang_timeout_min_s": 60},
             "faults": [fault],
+            "parallelism": {"zero_stage": stage},
             "seed": 5,
         }
     )
@@ -83,9 +90,10 @@ def first_step_after(events: list[dict], t: float, attempt: int | None = None) -
     )
 
 
-def llmctl_tier1(ctx: Context, args: argparse.Namespace) -> tuple[float, list[dict]]:
+def llmctl_tier1(ctx: Context, args: argparse.Namespace, stage: int = 0) -> tuple[float, list[dict]]:
     fault = {"kind": "kill_worker", "at_step": args.kill_at, "rank": 1, "attempt": 1}
-    rd = create_run(ctx, run_spec("bench-tier1", args, async_save=True, fault=fault, spares=args.spares))
+    spec = run_spec(f"bench-tier1-z{stage}", args, async_save=True, fault=fault, spares=args.spares, stage=stage)
+    rd = create_run(ctx, spec)
     state = supervise(ctx, rd.run_id)
     events = rd.events()
     if state != "succeeded":
@@ -96,9 +104,9 @@ def llmctl_tier1(ctx: Context, args: argparse.Namespace) -> tuple[float, list[di
     return first_step_after(events, t_seen) - t_kill, events
 
 
-def llmctl_tier2(ctx: Context, args: argparse.Namespace) -> tuple[float, list[dict]]:
+def llmctl_tier2(ctx: Context, args: argparse.Namespace, stage: int = 0) -> tuple[float, list[dict]]:
     fault = {"kind": "exit_driver", "at_step": args.kill_at, "attempt": 1}
-    rd = create_run(ctx, run_spec("bench-tier2", args, async_save=False, fault=fault))
+    rd = create_run(ctx, run_spec(f"bench-tier2-z{stage}", args, async_save=False, fault=fault, stage=stage))
     state = supervise(ctx, rd.run_id)
     events = rd.events()
     if state != "succeeded":
@@ -267,6 +275,10 @@ def main() -> int:
         print(f"# llmctl tier 1: {tier1:.2f} s", file=sys.stderr)
         tier2, ev2 = llmctl_tier2(ctx, args)
         print(f"# llmctl tier 2: {tier2:.2f} s", file=sys.stderr)
+        z3_tier1, z3_ev1 = llmctl_tier1(ctx, args, stage=3)
+        print(f"# llmctl tier 1, zero_stage 3: {z3_tier1:.2f} s", file=sys.stderr)
+        z3_tier2, z3_ev2 = llmctl_tier2(ctx, args, stage=3)
+        print(f"# llmctl tier 2, zero_stage 3: {z3_tier2:.2f} s", file=sys.stderr)
         base = ray_train_baseline(cluster, args, work)
     finally:
         ray_cluster.down(cluster)
@@ -277,12 +289,19 @@ def main() -> int:
     print(f"  Ray Train TorchTrainer + FailureConfig        {base:8.2f} s   (baseline)")
     print(f"  ratio llmctl tier 1 / Ray Train               {tier1 / base:8.3f}")
     print(f"  ratio llmctl tier 2 / Ray Train               {tier2 / base:8.3f}")
+    print(f"  llmctl tier 1, zero_stage 3 (in-place reload)  {z3_tier1:8.2f} s   ratio {z3_tier1 / base:.3f}")
+    print(f"  llmctl tier 2, zero_stage 3 (resubmitted)      {z3_tier2:8.2f} s   ratio {z3_tier2 / base:.3f}")
     print("checkpoint: time training is blocked per save (median)")
     print(f"  async (stage, copy overlapped, write behind)  {b_async:8.5f} s")
     print(f"    of which the optimizer step's wait for the copy {blocking(ev1, 'copy_wait_s'):8.5f} s")
     print(f"  synchronous (write from the live state)       {b_sync:8.5f} s   (baseline)")
     print(f"  ratio async / synchronous                     {b_async / b_sync:8.3f}")
     print(f"  step time while an async save is written, vs other steps {overlap_slowdown(ev1):6.3f}")
+    z_async, z_sync = blocking(z3_ev1), blocking(z3_ev2)
+    print("sharded checkpoint (zero_stage 3, DCP, every rank its shards): blocked per save (median)")
+    print(f"  dcp.async_save (copy to host, write behind)   {z_async:8.5f} s")
+    print(f"  synchronous DCP save + commit                 {z_sync:8.5f} s   (baseline)")
+    print(f"  ratio async / synchronous                     {z_async / z_sync:8.3f}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -120,6 +120,10 @@ def run_goodput(
     if g.restarts_by_cause:
         out.print("restarts: " + ", ".join(f"{c} x{n}" for c, n in sorted(g.restarts_by_cause.items())))
     out.print(f"final step {g.final_step}; steps thrown away {g.lost_steps}")
+    if len(g.productive_by_world) > 1:
+        out.print(
+            "step time by world size: " + ", ".join(f"{n} workers {s:.1f} s" for n, s in g.productive_by_world.items())
+        )
 
 
 def run_decisions(

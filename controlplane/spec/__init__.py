@@ -62,6 +62,7 @@ from controlplane.spec.run import (  # noqa: F401
     ScheduleSpec,
     TrainSpec,
     WorkersSpec,
+    elastic_world,
     job_refusals,
 )
 

@@ -189,8 +189,16 @@ class WorkersSpec(StrictModel):
     )
     min_workers: PositiveInt | None = Field(
         None,
-        description="Fewest data-parallel workers an attempt may start with when excluded nodes leave too "
-        "few (same global batch: more accumulation per worker); null means num_workers (no shrinking).",
+        description="Fewest data-parallel workers an attempt may run on when excluded nodes or busy CPUs/GPUs "
+        "leave too few places: after elastic_wait_s it starts on the largest world placed that keeps the "
+        "global batch (more accumulation per worker; a sharded checkpoint reshards), and grows back to "
+        "num_workers at a later checkpoint once the missing workers are placed; null means num_workers.",
+    )
+    elastic_wait_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="With min_workers: how long after its first worker is up an attempt waits for the rest.",
     )
 
     @property
@@ -245,7 +253,8 @@ class ParallelismSpec(StrictModel):
         1,
         description="HSDP: replica groups. Stages 1-3 shard over num_workers / replicate workers and "
         "replicate across the groups (e.g. shard within a node, replicate across nodes); must divide "
-        "num_workers; 1 shards over all workers.",
+        "num_workers; 1 shards over all workers. With 2 or more, a replaced worker gets its shards from "
+        "its mesh position in a healthy replica group instead of every rank reloading the checkpoint.",
     )
     activation_checkpointing: Literal["none", "selective", "full"] = Field(
         "none",
@@ -375,6 +384,19 @@ class RunSpec(StrictModel):
         return int(self.workers.num_workers * self.workers.gpus_per_worker)
 
 
+def elastic_world(placed: int, run: RunSpec) -> int | None:
+    """Pure: the largest world of at most `placed` workers, and at least `workers.min_workers`,
+    that keeps the global batch (it divides it, the micro-batch divides each share, and the HSDP
+    replicate degree divides the world); None when there is none."""
+    t, w = run.train, run.workers
+    for n in range(min(placed, w.num_workers), w.floor - 1, -1):
+        share, rem = divmod(t.global_batch_size, n)
+        if rem or (t.micro_batch_size and share % t.micro_batch_size) or n % run.parallelism.replicate:
+            continue
+        return n
+    return None
+
+
 def job_refusals(run: RunSpec) -> list[str]:
     """What the pretraining job does not implement, one line each naming the field (empty: runnable).
 
@@ -392,10 +414,11 @@ def job_refusals(run: RunSpec) -> list[str]:
             "power.cap_watts: 'auto' calibrates on a whole model before the process group forms, which a "
             "sharded run (zero_stage >= 1) does not have; give a limit in W or null"
         )
-    if w.min_workers is not None and w.min_workers < w.num_workers:
+    if w.floor < w.num_workers and elastic_world(w.num_workers - 1, run) is None:
         out.append(
-            f"workers.min_workers: {w.min_workers} below num_workers ({w.num_workers}) is not supported yet: "
-            "an attempt runs on num_workers workers (leave min_workers unset)"
+            f"workers.min_workers: no world of {w.floor} to {w.num_workers - 1} workers keeps the global batch "
+            f"({run.train.global_batch_size}: it must split evenly, in whole micro-batches, over a multiple of "
+            "parallelism.replicate); raise min_workers to num_workers or change the batch"
         )
     if w.gpus_per_worker > 1:
         out.append(

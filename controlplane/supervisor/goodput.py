@@ -19,6 +19,9 @@ Wall time runs from the run's first transition (submission) to its terminal tran
 - queueing          submission -> the first step of the first attempt
 - other             after the final step (shutdown), and anything unattributed
 
+`productive_by_world` splits the step time of the surviving steps by the data-parallel world
+they ran on (the `start` and `world_resized` events: a shrunk world with `workers.min_workers`).
+
 Attempts may overlap in wall time (a new one submitted while an old one stops); each
 moment is attributed once, to the newer attempt.
 """
@@ -42,6 +45,7 @@ class Goodput:
     restarts_by_cause: dict[str, int] = field(default_factory=dict)
     final_step: int = 0
     lost_steps: int = 0
+    productive_by_world: dict[int, float] = field(default_factory=dict)  # workers -> step seconds kept
 
     @property
     def productive_s(self) -> float:
@@ -92,6 +96,7 @@ def compute(
 
     lost_steps = 0
     final_step = 0
+    by_world: dict[int, float] = {}
     cursor = t0
     first_attempt = True
     for i, a in enumerate(rows):
@@ -124,6 +129,7 @@ def compute(
         failures = [e for e in evs if e.get("type") == "failure"]
         typical = _typical(steps, durations)
         good = lost = 0.0
+        sizes = [e for e in evs if e.get("type") in ("start", "world_resized") and isinstance(e.get("world_size"), int)]
         for i, (ev, d) in enumerate(zip(steps, durations, strict=True)):
             inside = [f for f in failures if i > 0 and steps[i - 1]["ts"] < f["ts"] <= ev["ts"]]
             if inside:  # a worker died or hung and was replaced in-attempt between these two steps
@@ -138,6 +144,9 @@ def compute(
             else:
                 good += d
                 final_step = max(final_step, ev["step"])
+                world = next((e["world_size"] for e in reversed(sizes) if e["ts"] <= ev["ts"]), None)
+                if world is not None:
+                    by_world[world] = by_world.get(world, 0.0) + d
         overhead = min(good, stall)
         secs["checkpoint_stall"] += overhead
         secs["productive"] += good - overhead
@@ -159,7 +168,7 @@ def compute(
     for evs in by_attempt.values():
         restarts["worker_replaced"] += sum(1 for e in evs if e.get("type") == "worker_replaced")
     restarts = Counter({k: v for k, v in restarts.items() if v})
-    return Goodput(wall, secs, dict(restarts), final_step, lost_steps)
+    return Goodput(wall, secs, dict(restarts), final_step, lost_steps, dict(sorted(by_world.items())))
 
 
 def _terminal(trans: Sequence[dict[str, Any]]) -> bool:

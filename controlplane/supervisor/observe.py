@@ -166,10 +166,10 @@ def capacity(spec: RunSpec, view: ClusterView, excluded: set[str]) -> O.Capacity
     holds requests it cannot place (None when it holds none, or the free resources are unknown)."""
     if view.free is None or not view.pending:
         return None
-    w = spec.workers
-    asked = {"CPU": w.num_workers * w.cpus_per_worker}
+    w = spec.workers  # an attempt may start on workers.min_workers: that is what it needs
+    asked = {"CPU": w.floor * w.cpus_per_worker}
     if w.gpus_per_worker:
-        asked["GPU"] = w.num_workers * w.gpus_per_worker
+        asked["GPU"] = w.floor * w.gpus_per_worker
     total: dict[str, float] = {}
     for node in view.nodes:
         if node.get("alive") and node.get("node_id") not in excluded:

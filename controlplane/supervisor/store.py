@@ -1,7 +1,7 @@
 """The supervisor's ledger tables (migration 0002_supervisor) and its atomic writes.
 
     supervisor_runs       per run: events offset + the RunTrack JSON (one row, one transaction)
-    supervisor_decisions  every action the supervisor took, with its cause
+    supervisor_decisions  every action the supervisor took, with its cause (and the job's resized worlds)
     node_exclusions       nodes kept out of training, why, and when they were readmitted
 
 Each `commit_*` writes everything one step of the loop implies in ONE transaction, so a
@@ -50,7 +50,7 @@ def _incident(c: sqlite3.Connection, run_id: str, kind: str, detail: dict[str, A
 def commit_ingest(
     ledger: Ledger, run_id: str, track: RunTrack, records: list[tuple[str, dict[str, Any]]], now: float | None = None
 ) -> None:
-    """The checkpoints and incidents read from events, with the new offset and track, at once."""
+    """The checkpoints, incidents and job decisions read from events, with the new offset and track, at once."""
     now = now or time.time()
     with ledger.tx() as c:
         for kind, f in records:
@@ -61,6 +61,12 @@ def commit_ingest(
                 )
             elif kind == "incident":
                 _incident(c, run_id, f["kind"], f["detail"], f["attempt"], now)
+            elif kind == "decision":  # one the job took (a resized world), read from its events
+                c.execute(
+                    "INSERT INTO supervisor_decisions (run_id, attempt, action, cause, detail_json, at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (run_id, f["attempt"], f["action"], f["cause"], json.dumps({"source": "job", **f["detail"]}), now),
+                )
         _save_track(c, run_id, track, now)
 
 

@@ -97,7 +97,7 @@ class RunTrack:
     # ------------------------------------------------------------------ ingestion
 
     def ingest(self, ev: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        """Fold one event in; return the ledger records it implies: ("checkpoint"|"incident", fields)."""
+        """Fold one event in; return the ledger records it implies: ("checkpoint"|"incident"|"decision", fields)."""
         kind, ts, n = ev.get("type"), ev.get("ts"), ev.get("attempt")
         if not isinstance(ts, (int, float)) or not isinstance(n, int):
             return []
@@ -197,6 +197,11 @@ class RunTrack:
                     break
             detail = {k: ev.get(k) for k in ("rank", "old_pid", "new_pid", "recovery_s", "from")}
             out.append(("incident", {"kind": "worker_replaced", "attempt": n, "detail": {"source": "job", **detail}}))
+        elif kind == "world_resized" and isinstance(ev.get("world_size"), int):
+            # the job's own decision (workers.min_workers), recorded beside the supervisor's
+            detail = {k: ev.get(k) for k in ("world_size", "previous", "num_workers", "step", "accumulation")}
+            cause = f"world of {ev['world_size']} workers: {ev.get('reason') or 'no reason given'}"
+            out.append(("decision", {"action": "ResizeWorld", "attempt": n, "cause": cause, "detail": detail}))
         elif kind == "end":
             a["end"] = ev.get("status")
         return out

@@ -17,8 +17,9 @@ from typing import Any
 from controlplane import checkpoint as ckpt
 from controlplane.rundir import FencedError, RunDir
 from controlplane.spec import RunSpec, read_record
-from jobs.pretrain.events import EXIT_CRASH, EXIT_FENCED, EXIT_NUMERICAL, EXIT_OK, EventLog
+from jobs.pretrain.events import EXIT_CRASH, EXIT_FENCED, EXIT_NUMERICAL, EXIT_OK, EventLog, JobExit
 from jobs.pretrain.placement import PLACE_TIMEOUT_S, WorkerFactory
+from jobs.pretrain.recovery import Pending, RecoveryMixin, Slot
 from jobs.pretrain.schedule import NumericGuard, StragglerDetector
 from jobs.pretrain.world import WorldMixin
 
@@ -26,6 +27,7 @@ DEFAULT_INTERVAL = 25
 PIPELINE_DEPTH = 2
 HB_STALE_S = 6.0
 POLL_S = 0.5
+PROBE_S = 2.0  # a rank whose process does not answer a probe within this is hung
 SPARE_START_S = 120.0
 
 
@@ -36,36 +38,8 @@ def checkpoint_interval(run: RunSpec, run_dir: RunDir) -> int:
     return run_dir.checkpoint_interval() or DEFAULT_INTERVAL
 
 
-class JobExit(Exception):
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
-
 @dataclass
-class Slot:
-    rank: int
-    actor: Any
-    pid: int
-    node_id: str | None
-    node_ip: str
-
-
-@dataclass
-class Pending:
-    """A replacement whose recovery time is reported at the first step completed after it."""
-
-    rank: int
-    old_pid: int
-    new_pid: int
-    source: str
-    t_fail: float
-    t_detect: float
-    cause: str
-
-
-@dataclass
-class Driver(WorldMixin):
+class Driver(RecoveryMixin, WorldMixin):
     run_dir: RunDir
     attempt: int
     max_resume_step: int | None = None
@@ -83,6 +57,7 @@ class Driver(WorldMixin):
         self.stragglers = StragglerDetector()
         self.slots: dict[int, Slot] = {}
         self.spares: list[tuple[Any, Any]] = []  # (actor, ready ref)
+        self.growers: list[tuple[Any, Any]] = []  # workers of a shrunk world still waiting for a place
         self.step = 0
         self.tokens = 0
         self.loss: float | None = None
@@ -118,14 +93,16 @@ class Driver(WorldMixin):
 
     # ------------------------------------------------------------------ actors
 
-    def _form_group(self) -> dict[int, dict[str, Any]]:
+    def _form_group(self, keep: bool = False) -> dict[int, dict[str, Any]]:
+        """(Re-)form the process group; `keep`: sharded ranks keep their shards from memory."""
         import ray
 
         addr, port = ray.get(self.slots[0].actor.free_port.remote(), timeout=60)
         self.groups += 1
         tag = f"g{self.groups}"
         refs = {
-            r: s.actor.join.remote(addr, port, r, self.world, self.pg_timeout_s, tag) for r, s in self.slots.items()
+            r: s.actor.join.remote(addr, port, r, self.world, self.pg_timeout_s, tag, keep)
+            for r, s in self.slots.items()
         }
         return {r: ray.get(ref, timeout=120) for r, ref in refs.items()}
 
@@ -206,10 +183,11 @@ class Driver(WorldMixin):
             # Every worker finishes its work and stops its telemetry (power limits restored);
             # rank 0 first waits for its background checkpoint write.
             refs = {r: s.actor.shutdown.remote() for r, s in self.slots.items()}
-            for actor, _ in self.spares:  # spares hold no state; one may never have been scheduled
+            for actor, _ in self.spares + self.growers:  # no state; one may never have been scheduled
                 with contextlib.suppress(Exception):
                     ray.kill(actor, no_restart=True)
             self.spares.clear()
+            self.growers.clear()
             res: dict[str, Any] = {}
             for r, ref in refs.items():
                 try:
@@ -229,7 +207,7 @@ class Driver(WorldMixin):
 
             for s in self.slots.values():
                 ray.kill(s.actor, no_restart=True)
-            for actor, _ in self.spares:
+            for actor, _ in self.spares + self.growers:
                 ray.kill(actor, no_restart=True)
         except Exception:
             pass
@@ -297,6 +275,8 @@ class Driver(WorldMixin):
             refs = [s.actor.checkpoint.remote(step_no, self.guard.state(), c.async_save, c.keep_last) for s in savers]
             self.ckpt_call = (step_no, refs)
             self.interval = checkpoint_interval(self.run, self.run_dir)
+            if step_no < self.total_steps:
+                self._grow(step_no)
         return None
 
     def _reap_checkpoint(self, timeout: float) -> None:
@@ -391,7 +371,7 @@ class Driver(WorldMixin):
                 return results, dead, time.time()
             waited = time.monotonic() - t0
             if left and waited > max(HB_STALE_S, 3 * self._median_step()):
-                stale = self._stale_ranks(set(left))
+                stale = [r for r in self._stale_ranks(set(left)) if not self._answers(r)]
                 if stale:
                     for r in stale:
                         dead[r] = ("hang", f"no heartbeat for {HB_STALE_S}s during step {step_no}")
@@ -401,6 +381,17 @@ class Driver(WorldMixin):
                     self.events.emit("failure", kind="hang", step=self.step, rank=None, detail=f"step {step_no} stuck")
                     raise JobExit(EXIT_CRASH)
         return results, dead, time.time()
+
+    def _answers(self, rank: int) -> bool:
+        """Whether the rank's process answers a probe (its control thread, not behind the step): a
+        silent heartbeat of a process that answers is a slow write, not a hang."""
+        import ray
+
+        try:
+            ray.get(self.slots[rank].actor.probe.remote(), timeout=PROBE_S)
+            return True
+        except Exception:
+            return False
 
     def _median_step(self) -> float:
         return statistics.median(self.step_times) if self.step_times else 1.0
@@ -421,89 +412,3 @@ class Driver(WorldMixin):
                     self.hb_step[slot.rank] = ev.get("step", 0)
         now = time.time()
         return [r for r in sorted(ranks) if now - self.hb.get(r, self.t_start) > HB_STALE_S]
-
-    def _crash_info(self, rank: int) -> tuple[float | None, int]:
-        """When the worker of `rank` failed (a drill's own timestamp, if it was a drill) and in which step."""
-        self._stale_ranks(set())  # reads new events: fault_injected, heartbeats
-        ts, step = self.injected.get((rank, self.slots[rank].pid), (None, None))
-        if step is None:
-            step = max(self.step, self.hb_step.get(rank, 0)) + 1
-        return ts, step
-
-    # ------------------------------------------------------------------ tier-1 recovery
-
-    def _recover(
-        self, dead: dict[int, tuple[str, str]], t_detect: float
-    ) -> tuple[list[Pending], tuple[int, dict[int, dict]] | None]:
-        """Tier 1: replace the dead ranks, re-form the group, copy the state from a survivor.
-
-        Returns the replacements, and the step the survivors completed but the driver never
-        saw (its results died with a worker), if any.
-        """
-        import ray
-
-        lost: set[int] = set()  # dead ranks; their replacements hold no state, so are never a source
-        replaced: list[Pending] = []
-        status: dict[int, dict] = {}
-        while True:
-            crash = {r: self._crash_info(r) for r in dead}
-            for r, (kind, detail) in dead.items():  # at detection: goodput reads the gap before it
-                node = self.slots[r].node_id
-                self.events.emit("failure", kind=kind, rank=r, node_id=node, step=crash[r][1], detail=detail)
-            lost |= dead.keys()
-            survivors = [r for r in self.slots if r not in lost]
-            if not survivors:
-                self._end("failed")
-                raise JobExit(EXIT_CRASH)
-            for rank, (kind, _) in dead.items():
-                old = self.slots[rank]
-                ray.kill(old.actor, no_restart=True)
-                t_fail = crash[rank][0] or t_detect
-                actor, source = self._take_spare()
-                i = ray.get(actor.info.remote(), timeout=600)
-                self.slots[rank] = Slot(rank, actor, i["pid"], i["node_id"], i["node_ip"])
-                replaced.append(Pending(rank, old.pid, i["pid"], source, t_fail, t_detect, kind))
-            dead = {}
-            for r in survivors:  # ordered after any step still queued on the survivor
-                if r in status:
-                    continue
-                try:
-                    status[r] = ray.get(self.slots[r].actor.status.remote(), timeout=self.pg_timeout_s)
-                except Exception as exc:
-                    dead[r] = ("worker_died", type(exc).__name__)
-            if not dead:
-                break
-        survivors = [r for r in survivors if r in status]
-        src = max(survivors, key=lambda r: status[r]["step"])
-        src_step = status[src]["step"]
-        if self.sharded:
-            self._reload_in_place(max(src_step, self.step) + 1)
-        else:
-            self.metrics_url = self._form_group()[0].get("metrics_url")
-            ray.get([s.actor.sync_state.remote(src) for s in self.slots.values()], timeout=600)
-            ray.get([s.actor.disarm.remote(src_step + 1) for s in self.slots.values()], timeout=60)
-        for p in replaced:
-            self.slots[0].actor.note_restart.remote(p.cause)
-        caught_up = None
-        if src_step > self.step and not self.sharded:
-            last = {r: status[r]["last"] for r in survivors if (status[r]["last"] or {}).get("step") == src_step}
-            caught_up = (src_step, last)
-        return replaced, caught_up
-
-    def _take_spare(self) -> tuple[Any, str]:
-        """A warm spare if there is one (even one still starting beats a new actor), else a new actor."""
-        import ray
-
-        while self.spares:
-            actor, ref = self.spares.pop(0)
-            try:
-                ray.get(ref, timeout=600)
-                return actor, "spare"
-            except Exception:
-                ray.kill(actor, no_restart=True)
-        actor, _ = self.workers.spawn(drills=False)
-        return actor, "new"
-
-    def _refill_spares(self) -> None:
-        while len(self.spares) < self.run.workers.spare_workers:
-            self.spares.append(self.workers.spawn(drills=False))

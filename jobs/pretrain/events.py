@@ -11,7 +11,15 @@ EXIT_CRASH = 1
 EXIT_NUMERICAL = 3
 EXIT_FENCED = 75
 
-__all__ = ["EventLog", "FencedError", "EXIT_OK", "EXIT_CRASH", "EXIT_NUMERICAL", "EXIT_FENCED"]
+__all__ = ["EventLog", "FencedError", "JobExit", "EXIT_OK", "EXIT_CRASH", "EXIT_NUMERICAL", "EXIT_FENCED"]
+
+
+class JobExit(Exception):
+    """Ends the driver with an exit code (the attempt's end is already recorded, or is recorded by the catcher)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 class EventLog:

@@ -8,24 +8,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane.spec import RunSpec
+from controlplane.spec import RunSpec, elastic_world
 from controlplane.supervisor.nodes import excluded_names, ray_nodes_to_exclude
 
 PLACE_TIMEOUT_S = 600.0  # a worker that cannot be placed for this long fails the attempt
-SHRINK_AFTER_S = 60.0  # with workers.min_workers: how long the full world is waited for
 
-
-def elastic_world(placed: int, run: RunSpec) -> int | None:
-    """Pure: the largest world of at most `placed` workers, and at least `workers.min_workers`,
-    that keeps the global batch (it divides it, the micro-batch divides each share, and the HSDP
-    replicate degree divides the world); None when there is none."""
-    t, w = run.train, run.workers
-    for n in range(min(placed, w.num_workers), w.floor - 1, -1):
-        share, rem = divmod(t.global_batch_size, n)
-        if rem or (t.micro_batch_size and share % t.micro_batch_size) or n % run.parallelism.replicate:
-            continue
-        return n
-    return None
+__all__ = ["PLACE_TIMEOUT_S", "WorkerFactory", "elastic_world"]
 
 
 @dataclass
@@ -39,7 +27,7 @@ class WorkerFactory:
         """A new worker actor and the reference of its `info()` (ready once it is placed and built)."""
         import ray
 
-        from jobs.pretrain.worker import TrainWorker
+        from jobs.pretrain.worker import CONTROL, TrainWorker
 
         w = self.run.workers
         opts: dict[str, Any] = {}
@@ -47,8 +35,13 @@ class WorkerFactory:
             self.excluded = ray_nodes_to_exclude(self.exclude, ray.nodes())
             if self.excluded:
                 opts["label_selector"] = {"ray.io/node-id": f"!in({','.join(sorted(self.excluded))})"}
-        cls = ray.remote(TrainWorker).options(
-            num_cpus=w.cpus_per_worker, num_gpus=w.gpus_per_worker, max_restarts=0, max_task_retries=0, **opts
+        # probe() is answered while step() runs (its own concurrency group); step calls stay in order
+        cls = ray.remote(concurrency_groups={CONTROL: 1})(TrainWorker).options(
+            num_cpus=w.cpus_per_worker,
+            num_gpus=w.gpus_per_worker,
+            max_restarts=0,
+            max_task_retries=0,
+            **opts,
         )
         actor = cls.remote({**self.config, "drills": drills})
         return actor, actor.info.remote()

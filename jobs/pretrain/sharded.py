@@ -24,6 +24,7 @@ reshards by global offsets), and `set_state_dict` puts them in place.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 from collections.abc import Callable
@@ -158,3 +159,52 @@ def load(path: Path, model, optimizer, scheduler) -> st.Counters:
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     st.set_rng_state(torch.load(path / st.RNG_FILE, weights_only=False))
     return st.counters_of(json.loads((path / st.TRAINER_FILE).read_text()))
+
+
+# --------------------------------------------------------------------------- in-memory shards
+
+
+def _leaves(obj: Any, path: tuple = ()) -> dict[tuple, Any]:
+    if isinstance(obj, dict):
+        return {k: v for key, item in obj.items() for k, v in _leaves(item, (*path, key)).items()}
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, item in enumerate(obj) for k, v in _leaves(item, (*path, i)).items()}
+    return {path: obj}
+
+
+def local_state(model, optimizer, scheduler, counters: st.Counters) -> dict[str, Any]:
+    """This rank's own shards of the model and AdamW state (plain local tensors, copied), the LR
+    scheduler and the counters: what a rank at the same mesh position of another replica needs."""
+    from torch.distributed.tensor import DTensor
+
+    state = model_and_optim(model, optimizer)
+    groups = copy.deepcopy(state["optim"].pop("param_groups", []))  # lr, betas, ...: as they are now
+    local = {
+        k: (v.to_local() if isinstance(v, DTensor) else v).detach().clone()
+        for k, v in _leaves(state).items()
+        if isinstance(v, torch.Tensor)
+    }
+    return {
+        "tensors": local,
+        "param_groups": groups,
+        "scheduler": scheduler.state_dict(),
+        "counters": counters.as_dict(),
+    }
+
+
+def restore_local(snap: dict[str, Any], model, optimizer, scheduler) -> st.Counters:
+    """Put `local_state`'s shards into a model and optimizer built for the same mesh position (the
+    mesh itself may be new: a re-formed group); nothing is read from disk."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.tensor import DTensor
+
+    state = model_and_optim(model, optimizer)  # initialises the AdamW state, so every leaf exists
+    tensors = snap["tensors"]
+    state["optim"]["param_groups"] = snap["param_groups"]
+    for key, v in _leaves(state).items():
+        if isinstance(v, torch.Tensor):
+            (v.to_local() if isinstance(v, DTensor) else v).copy_(tensors[key])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    scheduler.load_state_dict(snap["scheduler"])
+    c = snap["counters"]
+    return st.Counters(**{**c, "loss_history": list(c["loss_history"])})

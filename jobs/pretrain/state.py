@@ -283,6 +283,21 @@ def from_bytes(data: bytes) -> dict[str, Any]:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
+def broadcast_bytes(data: bytes | None, src: int, device: torch.device, group: Any = None) -> bytes:
+    """`data` from global rank `src` to every rank of `group` (the default group if None): its
+    size, then the bytes. The source passes its bytes, the others None."""
+    import torch.distributed as dist
+
+    size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64, device=device)
+    dist.broadcast(size, src, group=group)
+    if data is not None:
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    else:
+        buf = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(buf, src, group=group)
+    return data if data is not None else buf.cpu().numpy().tobytes()
+
+
 class InjectedENOSPC(OSError):
     pass
 

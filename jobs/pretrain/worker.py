@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ from jobs.pretrain.saving import CheckpointMixin, Writer
 from jobs.pretrain.schedule import advance_cursor, skip_forward
 
 HEARTBEAT_S = 1.0
+CONTROL = "control"  # Ray concurrency group of the calls answered while a step blocks the actor
 
 
 class TrainWorker(CheckpointMixin):
@@ -78,6 +80,7 @@ class TrainWorker(CheckpointMixin):
         if not self.sharded:  # a sharded model is built on its mesh, in join()
             self._build(None)
         self.rank: int | None = None
+        self.in_step: tuple[int, float] | None = None
         self.world = 0
         self.broken = False
         self.fenced = False
@@ -101,6 +104,7 @@ class TrainWorker(CheckpointMixin):
 
     def _build(self, mesh: Any) -> None:
         """The model (on the meta device, then this rank's part), optimizer, scheduler, counters."""
+        self.mesh = mesh
         self.model = pz.build(self.config, self.run.seed, self.device, self.par, mesh, self.run.train.precision)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -156,6 +160,13 @@ class TrainWorker(CheckpointMixin):
             s.bind((ip, 0))
             return ip, s.getsockname()[1]
 
+    @ray.method(concurrency_group=CONTROL)
+    def probe(self) -> dict[str, Any]:
+        """Answered on a thread of its own while a step (a stuck collective) holds the actor: a rank
+        that does not answer is stopped or wedged in the process, not waiting on a peer."""
+        step, since = self.in_step or (None, None)
+        return {"pid": os.getpid(), "rank": self.rank, "step": self.counters.step, "in_step": step, "since": since}
+
     def status(self) -> dict[str, Any]:
         return {
             "rank": self.rank,
@@ -165,15 +176,19 @@ class TrainWorker(CheckpointMixin):
             "last": self.last_result,
         }
 
-    def join(self, addr: str, port: int, rank: int, world: int, timeout_s: float, tag: str = "") -> dict[str, Any]:
+    def join(
+        self, addr: str, port: int, rank: int, world: int, timeout_s: float, tag: str = "", keep: bool = False
+    ) -> dict[str, Any]:
         """(Re-)form the process group: a fresh TCP store at addr:port, this replica as `rank`.
 
         Sharded: the model is (re)built on the new mesh from the seed; the driver then has every
-        rank load the newest verified checkpoint. `tag` names this group's checkpoint staging.
+        rank load the newest verified checkpoint, or (`keep`, HSDP) each rank keeps its own shards
+        from memory and the replacements get theirs from a replica (`sync_replica`). `tag` names
+        this group's checkpoint staging.
         """
-        if dist.is_initialized():
-            with contextlib.suppress(Exception):  # a group broken by a dead peer may not tear down cleanly
-                dist.destroy_process_group()
+        built = self.sharded and keep and self.rank is not None and hasattr(self, "model")
+        snap = sharded.local_state(self.model, self.optimizer, self.scheduler, self.counters) if built else None
+        self._drop_group()
         if world > 1 or self.sharded:
             dist.init_process_group(
                 self.backend,
@@ -188,6 +203,8 @@ class TrainWorker(CheckpointMixin):
             self.writer, self.pending_save = Writer(), None
             self.ckpt_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
             self._build(pz.data_mesh(world, self.par, self.device.type))
+            if snap is not None:
+                self.counters = sharded.restore_local(snap, self.model, self.optimizer, self.scheduler)
         self.optimizer.zero_grad(set_to_none=True)
         self._emit("heartbeat", rank=rank, step=self.counters.step, pid=os.getpid(), node_id=self.node_id)
         url = None
@@ -219,26 +236,37 @@ class TrainWorker(CheckpointMixin):
     def sync_state(self, src: int) -> int:
         """Broadcast the whole replica state from rank `src`'s memory to every other rank."""
         if self.world > 1:
-            dev = self.device if self.backend == "nccl" else torch.device("cpu")
-            if self.rank == src:
-                data = st.to_bytes(st.capture(self.model, self.optimizer, self.scheduler, self.counters))
-                size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
-            else:
-                size = torch.zeros(1, dtype=torch.int64, device=dev)
-            dist.broadcast(size, src)
-            if self.rank == src:
-                buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
-            else:
-                buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
-            dist.broadcast(buf, src)
+            mine = st.capture(self.model, self.optimizer, self.scheduler, self.counters) if self.rank == src else None
+            data = st.broadcast_bytes(st.to_bytes(mine) if mine else None, src, self._wire())
             if self.rank != src:
-                state = st.from_bytes(buf.cpu().numpy().tobytes())
+                state = st.from_bytes(data)
                 self.staging.guard()
                 old_tokens = self.counters.tokens
                 self.counters = st.restore(state, self.model, self.optimizer, self.scheduler)
                 if self.metrics is not None:
                     self.metrics.tokens.inc(max(0, self.counters.tokens - old_tokens))
         return self.counters.step
+
+    def sync_replica(self, sources: list[int]) -> int:
+        """HSDP tier 1: a rank whose shards died with it gets them from a healthy rank at the same
+        mesh position in another replica group (a broadcast over the mesh's replicate dimension);
+        groups whose members all survived send nothing."""
+        group = self.mesh.get_group("replicate")
+        members = dist.get_process_group_ranks(group)
+        if all(m in sources for m in members):
+            return self.counters.step
+        src = next(m for m in members if m in sources)
+        mine = (
+            sharded.local_state(self.model, self.optimizer, self.scheduler, self.counters) if self.rank == src else None
+        )
+        data = st.broadcast_bytes(st.to_bytes(mine) if mine else None, src, self._wire(), group)
+        if self.rank != src:
+            self.counters = sharded.restore_local(st.from_bytes(data), self.model, self.optimizer, self.scheduler)
+            self.counters.cursor = skip_forward(self.counters.cursor, self.skips)
+        return self.counters.step
+
+    def _wire(self) -> torch.device:
+        return self.device if self.backend == "nccl" else torch.device("cpu")
 
     def disarm(self, through_step: int) -> None:
         """Drills due at or before `through_step` had their chance in this attempt."""
@@ -259,10 +287,19 @@ class TrainWorker(CheckpointMixin):
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
-        if dist.is_initialized():
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+        self._drop_group()
         return {"ckpt_failures": self.ckpt_failures, "last_checkpoint": self.last_ckpt}
+
+    def _drop_group(self) -> None:
+        """Tear the process group down, also one a dead peer broke. NCCL's communicators are aborted
+        first: destroying one with a collective still pending would wait on the dead peer."""
+        if not dist.is_initialized():
+            return
+        if self.backend == "nccl":
+            with contextlib.suppress(Exception):
+                dist.distributed_c10d._abort_process_group()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
     # ------------------------------------------------------------------ training
 
@@ -281,6 +318,13 @@ class TrainWorker(CheckpointMixin):
                 os.kill(os.getpid(), sig)
 
     def step(self, step_no: int) -> dict[str, Any]:
+        self.in_step = (step_no, time.time())
+        try:
+            return self._step(step_no)
+        finally:
+            self.in_step = None
+
+    def _step(self, step_no: int) -> dict[str, Any]:
         if self.broken:
             return {"ok": False, "rank": self.rank, "error": "process group broken"}
         if step_no != self.counters.step + 1:

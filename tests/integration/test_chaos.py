@@ -11,8 +11,9 @@ submit it, breaks something for real, and then checks the same four things:
   and each attempt wrote one `start` event;
 - the ledger shows the cause (incidents, the `recovering` transition) and the recovery.
 
-`CHAOS_ZERO_STAGE=3` runs every case with FSDP2 full sharding (sharded checkpoints, in-place
-reload after a worker's death) instead of the default replicated workers.
+A killed worker, a killed driver and a corrupt newest checkpoint also run with `zero_stage: 3`
+(FSDP2 full sharding: sharded checkpoints, in-place reload after a worker's death);
+`CHAOS_ZERO_STAGE=3` runs every case that way instead of with replicated workers.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ NAN_AT = INTERVAL + 5
 SLOW = {"kind": "slow_worker", "at_step": 1, "rank": 0, "attempt": 1, "seconds": 0.15}
 RUN_TIMEOUT_S = 240
 ZERO_STAGE = int(os.environ.get("CHAOS_ZERO_STAGE", "0"))
+# the representative cases also run fully sharded (sharded checkpoints, in-place reload, DCP shards)
+SHARDED_TOO = pytest.mark.parametrize("stage", sorted({ZERO_STAGE, 3}), ids=lambda s: f"zero{s}")
 
 
 class SupervisorProcess:
@@ -96,7 +99,7 @@ def drills(ray_home, dataset_dir, supervisor):
     return {"nan": submit(ctx, "chaos-nan", faults=[nan]), "enospc": submit(ctx, "chaos-enospc", faults=[enospc])}
 
 
-def submit(ctx: Context, name: str, faults=(), **ft) -> RunDir:
+def submit(ctx: Context, name: str, faults=(), stage: int = ZERO_STAGE, **ft) -> RunDir:
     spec = {
         "name": name,
         "model": {"preset": "tiny"},
@@ -105,7 +108,7 @@ def submit(ctx: Context, name: str, faults=(), **ft) -> RunDir:
         "checkpoint": {"interval_steps": INTERVAL, "keep_last": 5, "async_save": True},
         "fault_tolerance": {"backoff_initial_s": 0.5, "backoff_max_s": 4, "hang_timeout_min_s": 60, **ft},
         "faults": [SLOW, *faults],
-        "parallelism": {"zero_stage": ZERO_STAGE},
+        "parallelism": {"zero_stage": stage},
         "seed": 11,
     }
     return create_run(ctx, RunSpec.model_validate(spec))  # pending: the supervisor submits attempt 1
@@ -172,8 +175,9 @@ def kill(pid: int, sig: int = signal.SIGKILL) -> None:
 # --------------------------------------------------------------------------- cases
 
 
-def test_sigkill_a_training_worker(ctx, drills):
-    rd = submit(ctx, "chaos-kill-worker")
+@SHARDED_TOO
+def test_sigkill_a_training_worker(ctx, drills, stage):
+    rd = submit(ctx, f"chaos-kill-worker-z{stage}", stage=stage)
     start = first_start(rd)
     wait_for(lambda: step_reached(rd, 5), 120, "step 5")
     kill(next(w["pid"] for w in start["workers"] if w["rank"] == 1))
@@ -206,8 +210,9 @@ def test_sigkill_a_worker_while_a_checkpoint_is_written(ctx):
     assert "worker_died" in r["kinds"] or ("crash" in r["kinds"] and len(r["attempts"]) == 2), r["kinds"]
 
 
-def test_kill_the_job_driver(ctx):
-    rd = submit(ctx, "chaos-kill-driver")
+@SHARDED_TOO
+def test_kill_the_job_driver(ctx, stage):
+    rd = submit(ctx, f"chaos-kill-driver-z{stage}", stage=stage)
     start = first_start(rd)
     wait_for(lambda: step_reached(rd, INTERVAL + 4), 120, f"step {INTERVAL + 4}")
     kill(start["driver_pid"])
@@ -250,15 +255,16 @@ def test_sigstop_a_worker_hang(ctx):
     assert "hang" in r["kinds"], r["kinds"]
 
 
-def test_corrupt_newest_checkpoint_is_skipped(ctx):
-    rd = submit(ctx, "chaos-corrupt")
+@SHARDED_TOO
+def test_corrupt_newest_checkpoint_is_skipped(ctx, stage):
+    rd = submit(ctx, f"chaos-corrupt-z{stage}", stage=stage)
     start = first_start(rd)
     wait_for(lambda: any(e["step"] >= 2 * INTERVAL for e in rd.events({"checkpoint"})), 180, "two checkpoints")
     kill(start["driver_pid"])
     sid = ray_cluster.submission_id(rd.run_id, 1)
     wait_for(lambda: ray_cluster.job_status(ctx.cluster, sid) in ("FAILED", "STOPPED"), 60, "attempt 1 to end")
     newest = ckpt.committed_steps(rd.checkpoints)[-1]
-    victim = rd.checkpoints / ckpt.step_dirname(newest) / ("__1_0.distcp" if ZERO_STAGE else "model.safetensors")
+    victim = rd.checkpoints / ckpt.step_dirname(newest) / ("__1_0.distcp" if stage else "model.safetensors")
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one bit flipped: only the checksum can tell
     victim.write_bytes(bytes(data))

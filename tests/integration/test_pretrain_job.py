@@ -228,3 +228,41 @@ def test_hung_worker_is_killed_and_replaced_and_straggler_reported(baseline, ray
     stragglers = by_type(rd, "straggler")
     assert stragglers and all(s["rank"] == 0 and s["step"] >= 22 for s in stragglers)
     assert final_loss(rd) == final_loss(baseline)
+
+
+PROBE = """
+import json, sys, time
+from pathlib import Path
+import ray
+from controlplane.rundir import RunDir
+from jobs.pretrain.driver import Driver
+from jobs.pretrain.recovery import Slot
+
+ray.init()
+d = Driver(RunDir(Path(sys.argv[1])), 1)
+actor, ready = d.workers.spawn(drills=True)
+i = ray.get(ready, timeout=180)
+d.slots[0] = Slot(0, actor, i["pid"], i["node_id"], i["node_ip"])
+d._form_group()
+step = actor.step.remote(1)  # the slow_worker drill holds it for 30 s
+while ray.get(actor.probe.remote(), timeout=10)["in_step"] is None:
+    time.sleep(0.05)
+probe = ray.get(actor.probe.remote(), timeout=10)
+print(json.dumps({"probe": probe, "step_done": bool(ray.wait([step], timeout=0)[0])}))
+"""
+
+
+def test_a_probe_is_answered_while_a_step_blocks_the_worker(ray_env, dataset, tmp_path):
+    """The driver's probe runs in the actor's control concurrency group: a rank busy in a step (here
+    a 30 s sleep inside it, as a collective stuck on a peer would be) still answers, so only a
+    process that is stopped or gone goes unanswered."""
+    rd = make_run(
+        tmp_path, dataset, "probe", workers={"num_workers": 1},
+        faults=[{"kind": "slow_worker", "at_step": 1, "rank": 0, "seconds": 30}],
+    )  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, str(rd.path)], env=ray_env, cwd=REPO, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["probe"]["in_step"] == 1 and out["probe"]["step"] == 0 and not out["step_done"]

@@ -19,11 +19,16 @@ Same world, same checkpoint: a resume or an in-place reload is exact.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from controlplane import checkpoint as ckpt
+from controlplane import ray_cluster
+from controlplane.spec import ClusterSpec, StorageSpec
 from tests.integration import test_pretrain_job as pj
+from tests.integration.conftest import wait_for
 from tests.integration.test_pretrain_job import by_type, make_run, run_job
 
 pytestmark = pytest.mark.integration
@@ -65,12 +70,40 @@ def zero3(ray_env, dataset, tmp_path_factory):
     return rd
 
 
-@pytest.mark.parametrize("stage,replicate", [(0, 1), (2, 1), (1, 2)], ids=["zero0", "zero2", "hsdp-2x1"])
-def test_layouts_reach_the_single_process_loss(reference, ray_env, dataset, tmp_path, stage, replicate):
-    rd, proc = ran(tmp_path, dataset, ray_env, f"z{stage}r{replicate}", stage=stage, replicate=replicate)
+@pytest.fixture(scope="module")
+def hsdp(ray_env, dataset, tmp_path_factory):
+    rd, proc = ran(tmp_path_factory.mktemp("hsdp"), dataset, ray_env, "hsdp", stage=1, replicate=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return rd
+
+
+@pytest.mark.parametrize("stage", [0, 2, "hsdp-2x1"], ids=["zero0", "zero2", "hsdp-2x1"])
+def test_layouts_reach_the_single_process_loss(reference, ray_env, dataset, tmp_path, stage, request):
+    if stage == "hsdp-2x1":
+        rd = request.getfixturevalue("hsdp")
+    else:
+        rd, proc = ran(tmp_path, dataset, ray_env, f"z{stage}", stage=stage)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     assert loss_at(rd, STEPS) == pytest.approx(loss_at(reference, STEPS), abs=LOSS_TOL)
     assert loss_at(rd, STEPS) < loss_at(rd, 1) - 0.3  # it learns
+
+
+def test_hsdp_replacement_gets_its_shards_from_a_replica(hsdp, ray_env, dataset, tmp_path):
+    """HSDP 2x1: the killed rank's shards are held by the rank at its mesh position in the other
+    replica group; the replacement gets them from there (no checkpoint read) and the run goes on
+    from the step it was in, ending at the uninterrupted run's loss exactly."""
+    rd, proc = ran(
+        tmp_path, dataset, ray_env, "hsdp-kill", stage=1, replicate=2,
+        faults=[{"kind": "kill_worker", "at_step": 35, "rank": 1}],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(by_type(rd, "start")) == 1 and not by_type(rd, "reloaded")
+    (restored,) = by_type(rd, "replica_restored")
+    assert restored["step"] == 34 and restored["sources"] == {"1": 0}
+    (rep,) = by_type(rd, "worker_replaced")
+    assert rep["rank"] == 1 and rep["cause"] == "worker_died"
+    assert [e["step"] for e in by_type(rd, "step")] == list(range(1, STEPS + 1))
+    assert loss_at(rd, STEPS) == loss_at(hsdp, STEPS)
 
 
 def test_zero3_matches_and_writes_verified_shards(reference, zero3):
@@ -144,3 +177,72 @@ def test_a_shard_write_failing_with_enospc_commits_nothing(ray_env, dataset, tmp
     assert failed["step"] == 20 and "rank 1" in failed["error"] and "No space left on device" in failed["error"]
     assert ckpt.committed_steps(rd.checkpoints) == [40, 50]
     assert not [p for p in rd.checkpoints.iterdir() if p.name.startswith(".staging")]
+
+
+HOLD = """
+import sys, ray
+ray.init()
+hold = ray.remote(num_cpus=1, resources={sys.argv[1]: 0.01})(type("Hold", (), {"ping": lambda self: 1})).remote()
+ray.get(hold.ping.remote(), timeout=120)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def two_places(ray_home):
+    """A raylet of its own with 2 CPUs, the only node the job may use (the others are excluded);
+    SIGKILLed afterwards, as a node failure."""
+    cluster = ClusterSpec(storage=StorageSpec(root=str(ray_home)))
+    alive = lambda: {n["node_id"] for n in ray_cluster.status(cluster)["nodes"] if n["state"] == "ALIVE"}  # noqa: E731
+    others = alive()
+    ray_cluster.add_worker_node(cluster, num_cpus=2)
+    index = len(ray_cluster.read_state(cluster).nodes) - 1
+    try:
+        yield f"llmctl_node_{index}", sorted(others)
+    finally:
+        ray_cluster.kill_node(cluster, index)
+
+
+def test_a_world_shrinks_to_the_places_left_and_grows_back(zero3, ray_env, dataset, tmp_path, two_places):
+    """An attempt resumes a checkpoint of 2 ranks where one of its node's 2 CPUs is held by another
+    actor: it runs on 1 worker (micro-batch 2: accumulation 4 instead of 2, same global batch),
+    and once the CPU is released it grows back to 2 at a checkpoint, resharding 2 -> 1 -> 2."""
+    resource, others = two_places
+    env = {**ray_env, "LLMCTL_EXCLUDE_NODES": ",".join(others)}
+    overrides = spec(3)
+    overrides["train"]["micro_batch_size"] = 2
+    overrides["workers"].update(min_workers=1, elastic_wait_s=5)
+    rd = make_run(
+        tmp_path, dataset, "elastic", **overrides,
+        checkpoint={"interval_steps": 5, "keep_last": 3},
+        # time for the released CPU's new worker process to start (import torch) before step 45
+        faults=[{"kind": "slow_worker", "at_step": 21, "rank": 0, "seconds": 1.0}],
+    )  # fmt: skip
+    shutil.copytree(zero3.checkpoints / ckpt.step_dirname(20), rd.checkpoints / ckpt.step_dirname(20))
+    hold = subprocess.Popen([sys.executable, "-c", HOLD, resource], env=ray_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert hold.stdout.readline().strip() == "held"
+        job = subprocess.Popen(
+            [sys.executable, "-m", "jobs.pretrain", "--run-dir", str(rd.path), "--attempt", "1"],
+            env=env, cwd=pj.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: by_type(rd, "world_resized"), 180, "the world to shrink")
+        finally:
+            hold.kill()
+            hold.wait(timeout=30)
+        _, err = job.communicate(timeout=240)
+    finally:
+        if hold.poll() is None:
+            hold.kill()
+    assert job.returncode == 0, err[-3000:]
+    shrunk, grown = by_type(rd, "world_resized")
+    assert shrunk["world_size"] == 1 and shrunk["accumulation"] == 4 and "1 of 2 workers placed" in shrunk["reason"]
+    start = by_type(rd, "start")[0]
+    assert start["resume_step"] == 20 and start["world_size"] == 1
+    assert grown["world_size"] == 2 and grown["accumulation"] == 2 and grown["step"] in range(25, 50, 5)
+    shards = {c["step"]: c["shards"] for c in by_type(rd, "checkpoint")}
+    assert shards[25] == 1 and shards[50] == 2  # written by the world of the time
+    assert [e["step"] for e in by_type(rd, "step")] == list(range(21, STEPS + 1))
+    assert loss_at(rd, STEPS) == pytest.approx(loss_at(zero3, STEPS), abs=LOSS_TOL)

@@ -73,12 +73,13 @@ def test_min_workers_may_not_exceed_num_workers():
         RunSpec.model_validate(spec(workers={"num_workers": 2, "min_workers": 3}))
 
 
-def test_a_shrinking_world_is_refused_at_submit_until_proven():
-    from controlplane.spec import job_refusals
-
-    refused = job_refusals(RunSpec.model_validate(spec(workers={"num_workers": 2, "min_workers": 1})))
-    assert len(refused) == 1 and refused[0].startswith("workers.min_workers: 1 below num_workers (2)")
+def test_a_shrinking_world_is_accepted_when_some_smaller_world_keeps_the_batch():
+    assert job_refusals(RunSpec.model_validate(spec(workers={"num_workers": 2, "min_workers": 1}))) == []
     assert job_refusals(RunSpec.model_validate(spec(workers={"num_workers": 2, "min_workers": 2}))) == []
+    # 4 workers, at least 3: the only smaller world, 3, does not split a global batch of 8
+    odd = spec(train={"max_steps": 5, "global_batch_size": 8}, workers={"num_workers": 4, "min_workers": 3})
+    refused = job_refusals(RunSpec.model_validate(odd))
+    assert len(refused) == 1 and refused[0].startswith("workers.min_workers: no world of 3 to 3 workers")
 
 
 def test_elastic_world_keeps_the_global_batch():

@@ -122,6 +122,33 @@ def test_sharded_checkpoint_restores_model_and_optimizer(group, tmp_path):
     assert all(torch.equal(full(a), full(b)) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
 
 
+def test_local_shards_move_to_a_model_rebuilt_on_a_new_mesh_without_disk(group):
+    """What an HSDP survivor keeps and a replacement receives: local shards, AdamW moments, the
+    param groups' lr, scheduler and counters, through bytes, into a fresh build; training on
+    from it takes the same step as the original."""
+    model = build(ParallelismSpec(zero_stage=3))
+    opt, sched = train(model, 3)
+    counters = st.Counters(step=3, tokens=96, cursor=3, loss=4.0, loss_history=[5.0, 4.0])
+    data = st.to_bytes(sharded.local_state(model, opt, sched, counters))
+
+    fresh = build(ParallelismSpec(zero_stage=3))
+    fopt, fsched = st.build_optimizer(fresh, RunSpec.model_validate({"train": {"max_steps": 10}}), 10)
+    got = sharded.restore_local(st.from_bytes(data), fresh, fopt, fsched)
+    assert got == counters and fsched.last_epoch == sched.last_epoch
+    assert fopt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    by_name = dict(model.named_parameters())
+    for name, p in fresh.named_parameters():
+        assert torch.equal(full(p), full(by_name[name]))
+        mine, theirs = fopt.state[p], opt.state[by_name[name]]
+        assert float(mine["step"]) == 3.0 and full(mine["exp_avg"]).abs().sum() > 0
+        assert torch.equal(full(mine["exp_avg_sq"]), full(theirs["exp_avg_sq"]))
+    x = batch(7)
+    for m, o in ((model, opt), (fresh, fopt)):
+        loss_of(m, x).backward()
+        o.step()
+    assert all(torch.equal(full(a), full(b)) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
+
+
 def test_a_failed_shard_write_commits_nothing(group, tmp_path):
     model = build(ParallelismSpec(zero_stage=3))
     opt, sched = train(model, 1)

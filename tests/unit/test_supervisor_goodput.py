@@ -129,3 +129,17 @@ def test_run_that_never_started_is_all_queueing():
 def test_empty():
     g = compute([], [], [])
     assert g.wall_s == 0 and g.ratio == 0.0
+
+
+def test_productive_time_is_split_by_the_world_it_ran_on():
+    # 2 workers for steps 1..5, shrunk to 1 for 6..10 (a world_resized event between), back to 2 for 11..15
+    attempts = [{"attempt": 1, "started_at": 0.0, "ended_at": 16.0, "state": "succeeded", "cause": None}]
+    resized = [
+        {"type": "world_resized", "attempt": 1, "ts": 5.5, "world_size": 1},
+        {"type": "world_resized", "attempt": 1, "ts": 10.5, "world_size": 2},
+    ]
+    events = [{**start(1, 0.0, 0), "world_size": 2}, *steps(1, 1, 15, 1.0), *resized]
+    g = compute(attempts, trans(("pending", 0.0), ("succeeded", 16.0)), events)
+    check_sums(g)
+    assert g.productive_by_world == {1: pytest.approx(5.0), 2: pytest.approx(10.0)}
+    assert sum(g.productive_by_world.values()) == pytest.approx(g.seconds["productive"])

@@ -223,3 +223,41 @@ def test_an_attempt_that_cannot_be_placed_says_so_then_fails_with_the_figures(en
     assert cause.startswith("unschedulable: attempt 1 asks more than the cluster has") and "4 CPU asked" in cause
     assert wait_job(jobs, "big-a1") is JobStatus.STOPPED
     assert jobs.submissions() == ["big-a1"]
+
+
+def test_an_attempt_that_may_shrink_waits_while_its_floor_fits(env):
+    ctx, jobs, sup = env
+    cpu2 = {"node_id": "node-a", "alive": True, "state_message": None, "expected": False, "resources_total": {"CPU": 2}}
+    jobs.set_view(nodes=[cpu2], free={"CPU": 2.0}, pending=True)
+    s = spec(steps=6, workers=4)
+    s = s.model_copy(update={"workers": s.workers.model_copy(update={"min_workers": 2})})
+    make_run(ctx.ledger, ctx.storage, "shrinks", s, {"steps": 6, "step_s": 0.02, "faults": {"1": {"start_after_s": 3}}})
+    deadline = time.monotonic() + 2.0  # twice unschedulable_after_s
+    while time.monotonic() < deadline:
+        sup.reconcile_run("shrinks")
+        time.sleep(0.1)
+    assert ctx.ledger.get_run("shrinks")["state"] == "provisioning"  # 4 asked of 2 would have failed it
+    jobs.set_view(nodes=[cpu2], free={"CPU": 0.0}, pending=False)  # it started on 2
+    assert wait_terminal(sup, ctx.ledger, "shrinks", timeout=30) == "succeeded"
+
+
+# --------------------------------------------------------------------------- a resized world
+
+
+def test_a_world_the_job_resized_is_a_decision_with_its_size_and_reason(env):
+    ctx, _, sup = env
+    rd = make_run(ctx.ledger, ctx.storage, "elastic", spec(steps=8), {"steps": 8})
+    reason = "shrunk: 1 of 2 workers placed within 60 s with nodes excluded: n2"
+    rd.append_event("world_resized", 1, world_size=1, previous=2, num_workers=2, step=20, accumulation=4, reason=reason)
+    rd.append_event(
+        "world_resized", 1, world_size=2, previous=1, num_workers=2, step=35, accumulation=2, reason="grown"
+    )
+    track = store.load_track(ctx.ledger, "elastic")
+    records = [r for _, ev in rd.iter_events(0) for r in track.ingest(ev)]
+    store.commit_ingest(ctx.ledger, "elastic", track, records)
+    rows = [d for d in store.decisions(ctx.ledger, "elastic") if d["action"] == "ResizeWorld"]
+    assert [(r["attempt"], r["detail"]["world_size"], r["detail"]["step"]) for r in rows] == [(1, 1, 20), (1, 2, 35)]
+    assert rows[0]["cause"] == f"world of 1 workers: {reason}" and rows[0]["detail"]["source"] == "job"
+    result = CliRunner().invoke(app, ["run", "decisions", "elastic", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [d["cause"] for d in json.loads(result.output) if d["action"] == "ResizeWorld"][0].startswith("world of 1")
