@@ -75,9 +75,9 @@ def _state_file(cluster: ClusterSpec) -> Path:
     return _cluster_dir(cluster) / "local.json"
 
 
-def _ray_bin() -> str:
-    candidate = Path(sys.executable).with_name("ray")
-    return str(candidate) if candidate.exists() else "ray"
+def _ray_start() -> list[str]:
+    """`ray start`, keeping a loopback node address (see controlplane.ray_launch)."""
+    return [sys.executable, "-m", "controlplane.ray_launch", "start"]
 
 
 def ensure_token(cluster: ClusterSpec) -> Path:
@@ -91,10 +91,18 @@ def ensure_token(cluster: ClusterSpec) -> Path:
 
 
 def ray_env(token_file: Path) -> dict[str, str]:
-    """Environment for Ray processes and clients of this cluster: token auth on."""
+    """Environment for Ray processes and clients of this cluster: token auth on, loopback only."""
     env = dict(os.environ)
     env.pop("RAY_AUTH_TOKEN", None)
-    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_USAGE_STATS_ENABLED": "0"})
+    env.update(
+        {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_file),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # "This machine" is 127.0.0.1 to Ray, not its routable address (controlplane.ray_launch).
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        }
+    )
     return env
 
 
@@ -179,7 +187,7 @@ def up(cluster: ClusterSpec, num_cpus: int | None = None, worker_nodes: int | No
         "metrics": free_port(),
     }
     head_cmd = [
-        _ray_bin(), "start", "--head", *common,
+        *_ray_start(), "--head", *common,
         "--port", str(gcs_port), "--num-cpus", str(num_cpus),
         "--include-dashboard", "true", "--dashboard-host", host, "--dashboard-port", str(dash_port),
         "--ray-client-server-port", str(ports["client"]),
@@ -212,7 +220,7 @@ def add_worker_node(cluster: ClusterSpec, num_cpus: int = 1, index: int | None =
     log = Path(state.nodes[0].log).with_name(f"worker-{index}.log")
     ports = {"agent": free_port(), "metrics": free_port()}
     cmd = [
-        _ray_bin(), "start", "--address", state.gcs_address, "--block", "--disable-usage-stats",
+        *_ray_start(), "--address", state.gcs_address, "--block", "--disable-usage-stats",
         "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
         "--dashboard-agent-listen-port", str(ports["agent"]), "--metrics-export-port", str(ports["metrics"]),
         "--resources", json.dumps({f"llmctl_node_{index}": 1}),
