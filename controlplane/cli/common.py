@@ -54,3 +54,11 @@ def human_duration(seconds: float | None) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def human_params(n: float) -> str:
+    """A parameter count in the unit that shows it: 13.02B, 624.96K (not 0.00B)."""
+    for div, suffix in ((1e9, "B"), (1e6, "M")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}"
+    return f"{n / 1e3:.2f}K"
