@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from controlplane.cli.common import ClusterOpt, JsonOpt, RunArg, emit_json, err, human_duration, out
+from controlplane.cli.common import ClusterOpt, JsonOpt, RunArg, emit_json, err, human_duration, id_table, out
 from controlplane.context import Context
 from controlplane.errors import UserError
 from controlplane.rundir import EventTail, RunDir
@@ -119,7 +119,7 @@ def list_cmd(
     if json_:
         emit_json(rows)
         return
-    table = Table("RUN", "STATE", "STEP", "LOSS", "AGE", "CAUSE")
+    table = id_table("RUN", [r["run_id"] for r in rows], "STATE", "STEP", "LOSS", "AGE", "CAUSE")
     now = time.time()
     for r in rows:
         loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
