@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Annotated
@@ -99,14 +100,20 @@ def push(
 
 @app.command()
 def snapshot(
-    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    run_id: Annotated[str, typer.Argument(help="Run id (or a unique prefix of one in this ledger).")],
     out_dir: Annotated[Path, typer.Argument(help="Directory for the PNG files.")],
     prometheus: PromOpt = "http://127.0.0.1:9090",
     since: Annotated[float, typer.Option("--since", help="Hours of history to plot.", min=0.01)] = 6.0,
+    cluster: ClusterOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Plot a run's power, energy, loss and goodput from Prometheus as PNG files."""
+    from controlplane.context import Context
+    from controlplane.errors import NotFoundError
     from controlplane.observability.snapshot import snapshot as render
+
+    with contextlib.suppress(NotFoundError):  # a prefix, as every `run` verb takes; else the id as given
+        run_id = Context.load(cluster).ledger.find_run(run_id)["run_id"]
 
     result = render(prometheus, run_id, out_dir, since_s=since * 3600)
     if json_:
