@@ -123,3 +123,34 @@ def snapshot(
         out.print(str(p))
     if result.empty:
         err.print(f"no data for: {', '.join(result.empty)}")
+
+
+@app.command()
+def targets(
+    out_file: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write here (a Prometheus file_sd file) instead of stdout.")
+    ] = None,
+    cluster: ClusterOpt = None,
+) -> None:
+    """The training metrics endpoints of every live run, from the run directories, as Prometheus
+    file_sd targets: point `file_sd_configs` at the file, no spec edited."""
+    import json
+    from urllib.parse import urlparse
+
+    from controlplane.context import Context
+    from controlplane.rundir import RunDir, write_atomic
+
+    ctx = Context.load(cluster)
+    groups = []
+    for run in ctx.ledger.live_runs():
+        starts = [e for e in RunDir(Path(run["run_dir"])).recent_events(types={"start"}) if e.get("metrics_url")]
+        if starts:
+            url = urlparse(starts[-1]["metrics_url"])
+            labels = {"run_id": run["run_id"], "attempt": str(starts[-1].get("attempt")), "__metrics_path__": url.path}
+            groups.append({"targets": [url.netloc], "labels": labels})
+    text = json.dumps(groups, indent=2) + "\n"
+    if out_file is None:
+        typer.echo(text, nl=False)
+        return
+    write_atomic(out_file, text.encode())
+    err.print(f"{len(groups)} run target(s) written to {out_file}", markup=False)
