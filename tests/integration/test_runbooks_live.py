@@ -1,6 +1,6 @@
 """The TrainingHang runbook, run: its `llmctl` commands, in its order, against the session's
 real Ray cluster and a real tiny run (examples/run-tiny.yaml, as a user submits it), each through
-the real CLI in a process of its own.
+the real CLI.
 
 RUN_ID is the submitted run; NODE is a live node that `llmctl node list` shows. What each
 command must do: `supervise status` names the supervisor `run submit` started and the run it
@@ -16,13 +16,14 @@ import os
 import re
 import shlex
 import signal
-import subprocess
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from controlplane.cli.main import app
 from controlplane.observability import runbooks as rb
 from tests.integration.conftest import wait_for
 
@@ -30,15 +31,20 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def llmctl(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "controlplane", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, "COLUMNS": "200"},
-    )
+@dataclass
+class Said:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def llmctl(*args: str) -> Said:
+    """The real CLI, in this process (a process each costs seconds on a loaded machine): the
+    commands that start something (`run submit`'s supervisor) start real processes."""
+    res = CliRunner().invoke(app, list(args))
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return Said(res.exit_code, res.stdout, res.stderr)
 
 
 def in_document_order(text: str) -> list[str]:
@@ -48,7 +54,7 @@ def in_document_order(text: str) -> list[str]:
 
 def test_training_hang_runbook_runs_against_a_live_run(cluster_home, dataset_dir):
     before = json.loads(llmctl("supervise", "status", "--json").stdout)
-    sub = llmctl("run", "submit", "examples/run-tiny.yaml", "--json", timeout=120)
+    sub = llmctl("run", "submit", str(REPO / "examples" / "run-tiny.yaml"), "--json")
     assert sub.returncode == 0, sub.stderr
     run_id = json.loads(sub.stdout)["run_id"]
     supervisor = json.loads(sub.stdout)["supervisor_pid"]
