@@ -91,13 +91,12 @@ def ensure_token(cluster: ClusterSpec) -> Path:
     return path
 
 
-def ray_env(token_file: Path) -> dict[str, str]:
-    """Environment for Ray processes and clients of this cluster: token auth on, loopback only."""
-    env = dict(os.environ)
-    env.pop("RAY_AUTH_TOKEN", None)
+def ray_env(token_file: Path, only_ray: bool = False) -> dict[str, str]:
+    """Environment for Ray processes and clients of this cluster: token auth on, loopback only
+    (this machine is 127.0.0.1 to Ray: see ray_launch). `only_ray`: just the RAY_ variables."""
+    env = {} if only_ray else {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0")
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # this machine is 127.0.0.1 to Ray (see ray_launch)
-    return env
+    return {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def read_state(cluster: ClusterSpec) -> LocalClusterState | None:
@@ -455,8 +454,7 @@ def stop_job(cluster: ClusterSpec, sid: str, client: Any = None) -> bool:
 
 
 def job_logs(cluster: ClusterSpec, sid: str, client: Any = None) -> str:
-    client = client or job_client(cluster)
-    return client.get_job_logs(sid)
+    return (client or job_client(cluster)).get_job_logs(sid)
 
 
 # --------------------------------------------------------------------------- the node table, as evidence
