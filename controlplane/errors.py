@@ -21,7 +21,12 @@ class UserError(LlmctlError):
 
 
 class ConfigurationError(UserError):
-    """A spec that does not validate. The message names the field path."""
+    """A spec that does not validate. The message names the field path; `problems` holds
+    every problem found, one line each (the message shows the first)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 class NotFoundError(UserError):

@@ -1,7 +1,7 @@
 """Start, stop and reach a Ray cluster; submit job attempts through the Ray Jobs API.
 
-Local kind: `up` starts a Ray head (and optional extra raylet nodes) on this machine with the
-dashboard and Jobs API bound to 127.0.0.1 and Ray's token authentication ON: a random token is
+Local kind: `up` starts a Ray head (and optional extra raylet nodes) on this machine, every socket
+on 127.0.0.1 (see ray_launch), with Ray's token authentication ON: a random token is
 written to `<storage>/cluster/auth_token` (mode 0600) and every client presents it. What `up`
 started is recorded in `<storage>/cluster/local.json` (process-group ids, ports, temp dir), so
 `down` stops only that, and a stale file (its processes gone) never breaks the next `up`.
@@ -18,12 +18,13 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,9 @@ def _state_file(cluster: ClusterSpec) -> Path:
     return _cluster_dir(cluster) / "local.json"
 
 
-def _ray_bin() -> str:
-    candidate = Path(sys.executable).with_name("ray")
-    return str(candidate) if candidate.exists() else "ray"
+def _ray_start() -> list[str]:
+    """`ray start`, keeping a loopback node address (see controlplane.ray_launch)."""
+    return [sys.executable, "-m", "controlplane.ray_launch", "start"]
 
 
 def ensure_token(cluster: ClusterSpec) -> Path:
@@ -90,12 +91,12 @@ def ensure_token(cluster: ClusterSpec) -> Path:
     return path
 
 
-def ray_env(token_file: Path) -> dict[str, str]:
-    """Environment for Ray processes and clients of this cluster: token auth on."""
-    env = dict(os.environ)
-    env.pop("RAY_AUTH_TOKEN", None)
-    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_USAGE_STATS_ENABLED": "0"})
-    return env
+def ray_env(token_file: Path, only_ray: bool = False) -> dict[str, str]:
+    """Environment for Ray processes and clients of this cluster: token auth on, loopback only
+    (this machine is 127.0.0.1 to Ray: see ray_launch). `only_ray`: just the RAY_ variables."""
+    env = {} if only_ray else {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0")
+    return {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def read_state(cluster: ClusterSpec) -> LocalClusterState | None:
@@ -179,7 +180,7 @@ def up(cluster: ClusterSpec, num_cpus: int | None = None, worker_nodes: int | No
         "metrics": free_port(),
     }
     head_cmd = [
-        _ray_bin(), "start", "--head", *common,
+        *_ray_start(), "--head", *common,
         "--port", str(gcs_port), "--num-cpus", str(num_cpus),
         "--include-dashboard", "true", "--dashboard-host", host, "--dashboard-port", str(dash_port),
         "--ray-client-server-port", str(ports["client"]),
@@ -204,25 +205,32 @@ def up(cluster: ClusterSpec, num_cpus: int | None = None, worker_nodes: int | No
 
 
 def add_worker_node(cluster: ClusterSpec, num_cpus: int = 1, index: int | None = None) -> NodeProc:
-    """Start one more raylet joined to the local head (a second 'node' on this machine)."""
+    """Start one more raylet joined to the local head (a second 'node' on this machine); one that
+    exits during start (`ray start` gives it 30 s, a loaded machine needs more) is started again."""
     state = read_state(cluster)
     if state is None:
         raise ClusterNotRunning("the local cluster is not up: run `llmctl cluster up`")
-    index = index or len(state.nodes)
+    index, resource = index or len(state.nodes), f"llmctl_node_{index or len(state.nodes)}"
     log = Path(state.nodes[0].log).with_name(f"worker-{index}.log")
-    ports = {"agent": free_port(), "metrics": free_port()}
-    cmd = [
-        _ray_bin(), "start", "--address", state.gcs_address, "--block", "--disable-usage-stats",
-        "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
-        "--dashboard-agent-listen-port", str(ports["agent"]), "--metrics-export-port", str(ports["metrics"]),
-        "--resources", json.dumps({f"llmctl_node_{index}": 1}),
-    ]  # fmt: skip
-    node = NodeProc(_start_node(cmd, ray_env(Path(state.token_file)), log), "worker", str(log), ports)
-    state.nodes.append(node)
-    _save_state(cluster, state)
-    # Known by its own resource: counting alive nodes is fooled by a node dying meanwhile.
-    _wait(lambda: _alive_with(cluster, f"llmctl_node_{index}"), f"Ray worker node (log: {log})", node.pid)
-    return node
+    for tries_left in (1, 0):
+        ports = {"agent": free_port(), "metrics": free_port()}
+        cmd = [
+            *_ray_start(), "--address", state.gcs_address, "--block", "--disable-usage-stats",
+            "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
+            "--dashboard-agent-listen-port", str(ports["agent"]), "--metrics-export-port", str(ports["metrics"]),
+            "--resources", json.dumps({resource: 1}),
+        ]  # fmt: skip
+        node = NodeProc(_start_node(cmd, ray_env(Path(state.token_file)), log), "worker", str(log), ports)
+        _save_state(cluster, replace(state, nodes=[*state.nodes, node]))
+        try:  # known by its own resource: counting alive nodes is fooled by a node dying meanwhile
+            _wait(lambda: _alive_with(cluster, resource), f"Ray worker node (log: {log})", node.pid)
+            return node
+        except RetryableError:
+            if not tries_left or pid_alive(node.pid):
+                raise
+            _kill_group(node.pid)  # whatever it started before it gave up; `state` is without it
+            _save_state(cluster, state)
+    raise AssertionError("unreachable")  # the second try returned or raised
 
 
 def _alive_with(cluster: ClusterSpec, resource: str) -> bool:
@@ -268,8 +276,6 @@ def down(cluster: ClusterSpec) -> bool:
         _kill_group(node.pid)
     path.unlink(missing_ok=True)
     if state.temp_dir and Path(state.temp_dir).name.startswith("llmctl-ray-"):
-        import shutil
-
         shutil.rmtree(state.temp_dir, ignore_errors=True)
     return was_running
 
@@ -448,8 +454,7 @@ def stop_job(cluster: ClusterSpec, sid: str, client: Any = None) -> bool:
 
 
 def job_logs(cluster: ClusterSpec, sid: str, client: Any = None) -> str:
-    client = client or job_client(cluster)
-    return client.get_job_logs(sid)
+    return (client or job_client(cluster)).get_job_logs(sid)
 
 
 # --------------------------------------------------------------------------- the node table, as evidence
@@ -490,5 +495,4 @@ def free_resources(cluster: ClusterSpec) -> tuple[dict[str, float] | None, bool]
     pending = bool(demand) or bool(report.get("pgDemand") or report.get("pg_demand"))
     if not isinstance(usage, dict):
         return None, pending
-    free = {k: float(t) - float(u) for k, (u, t) in usage.items() if not k.startswith("node:")}
-    return free, pending
+    return {k: float(t) - float(u) for k, (u, t) in usage.items() if not k.startswith("node:")}, pending

@@ -118,7 +118,15 @@ def stop_run(ctx: Context, run_id: str, cause: str = "stopped by user") -> bool:
         with contextlib.suppress(ray_cluster.ClusterNotRunning):  # nothing left to stop
             ray_cluster.stop_job(ctx.cluster, current["job_id"])
         ctx.ledger.update_attempt(run_id, current["attempt"], state=AttemptState.STOPPED, cause=cause)
-    return ctx.ledger.transition(run_id, RunState.STOPPED, cause, current["attempt"] if current else None)
+    stopped = ctx.ledger.transition(run_id, RunState.STOPPED, cause, current["attempt"] if current else None)
+    if stopped and current:  # its job was stopped before it could say so: the run dir says it ended
+        rd = RunDir(Path(run["run_dir"]))
+        recent = rd.recent_events(types={"step", "end"}) if rd.path.is_dir() else None
+        if recent is not None and not any(
+            e["type"] == "end" and e.get("attempt") == current["attempt"] for e in recent
+        ):
+            rd.append_event("end", current["attempt"], status="stopped", cause=cause, step=summarize(recent)["step"])
+    return stopped
 
 
 # --------------------------------------------------------------------------- summaries

@@ -80,7 +80,7 @@ def live_attempts(ctx: Context) -> list[str]:
 
 @app.command()
 def status(cluster: ClusterOpt = None, json_: JsonOpt = False) -> None:
-    """Nodes and resources of the cluster, or that it is down."""
+    """Nodes and resources of the cluster, or that it is down (exit 0 either way)."""
     from controlplane import ray_cluster
 
     ctx = Context.load(cluster)
@@ -91,7 +91,7 @@ def status(cluster: ClusterOpt = None, json_: JsonOpt = False) -> None:
     if not info["up"]:
         msg = "down" + (" (stale record of a stopped cluster)" if info.get("stale") else "")
         out.print(f"cluster {info['cluster']}: {msg}" + (f"; {info['error']}" if info.get("error") else ""))
-        raise typer.Exit(1)
+        return  # "down" is an answer, not a failure
     out.print(f"cluster {info['cluster']} ({info['kind']}): up, dashboard {info.get('dashboard', '-')}")
     table = Table("NODE", "STATE", "HEAD", "CPU", "GPU")
     for n in info["nodes"]:

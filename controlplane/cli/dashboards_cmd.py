@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Annotated
@@ -99,14 +100,20 @@ def push(
 
 @app.command()
 def snapshot(
-    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    run_id: Annotated[str, typer.Argument(help="Run id (or a unique prefix of one in this ledger).")],
     out_dir: Annotated[Path, typer.Argument(help="Directory for the PNG files.")],
     prometheus: PromOpt = "http://127.0.0.1:9090",
     since: Annotated[float, typer.Option("--since", help="Hours of history to plot.", min=0.01)] = 6.0,
+    cluster: ClusterOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Plot a run's power, energy, loss and goodput from Prometheus as PNG files."""
+    from controlplane.context import Context
+    from controlplane.errors import NotFoundError
     from controlplane.observability.snapshot import snapshot as render
+
+    with contextlib.suppress(NotFoundError):  # a prefix, as every `run` verb takes; else the id as given
+        run_id = Context.load(cluster).ledger.find_run(run_id)["run_id"]
 
     result = render(prometheus, run_id, out_dir, since_s=since * 3600)
     if json_:
@@ -116,3 +123,34 @@ def snapshot(
         out.print(str(p))
     if result.empty:
         err.print(f"no data for: {', '.join(result.empty)}")
+
+
+@app.command()
+def targets(
+    out_file: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write here (a Prometheus file_sd file) instead of stdout.")
+    ] = None,
+    cluster: ClusterOpt = None,
+) -> None:
+    """The training metrics endpoints of every live run, from the run directories, as Prometheus
+    file_sd targets: point `file_sd_configs` at the file, no spec edited."""
+    import json
+    from urllib.parse import urlparse
+
+    from controlplane.context import Context
+    from controlplane.rundir import RunDir, write_atomic
+
+    ctx = Context.load(cluster)
+    groups = []
+    for run in ctx.ledger.live_runs():
+        starts = [e for e in RunDir(Path(run["run_dir"])).recent_events(types={"start"}) if e.get("metrics_url")]
+        if starts:
+            url = urlparse(starts[-1]["metrics_url"])
+            labels = {"run_id": run["run_id"], "attempt": str(starts[-1].get("attempt")), "__metrics_path__": url.path}
+            groups.append({"targets": [url.netloc], "labels": labels})
+    text = json.dumps(groups, indent=2) + "\n"
+    if out_file is None:
+        typer.echo(text, nl=False)
+        return
+    write_atomic(out_file, text.encode())
+    err.print(f"{len(groups)} run target(s) written to {out_file}", markup=False)

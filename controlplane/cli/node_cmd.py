@@ -1,8 +1,8 @@
-"""`llmctl node`: the nodes the supervisor knows, and which are kept out of training.
+"""`llmctl node`: the cluster's nodes, and which are kept out of training.
 
-`list` merges telemetry health (`<storage>/telemetry/health/<node>.json`) with the ledger's
+`list` shows the cluster's live nodes (by Ray node id, from its dashboard) and merges telemetry health (`<storage>/telemetry/health/<node>.json`) with the ledger's
 exclusions. An excluded node is passed to every new attempt (`LLMCTL_EXCLUDE_NODES`) until
-it is readmitted. Reads the ledger only: no Ray, no torch.
+it is readmitted. No Ray, no torch: the ledger, and the dashboard over HTTP.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from controlplane.cli.common import ClusterOpt, JsonOpt, emit_json, err, human_duration, out
+from controlplane.cli.common import ClusterOpt, JsonOpt, emit_json, err, human_duration, id_table, out
 from controlplane.context import Context
 from controlplane.errors import ConfigurationError
 
@@ -24,19 +23,22 @@ NodeArg = Annotated[str, typer.Argument(help="Node name or Ray node id.")]
 
 @app.command("list")
 def list_cmd(cluster: ClusterOpt = None, json_: JsonOpt = False) -> None:
-    """Nodes with their health and exclusion state."""
+    """The cluster's live nodes, and every node with a health report or an exclusion."""
     from controlplane.supervisor import store
     from controlplane.supervisor.nodes import read_health
 
     ctx = Context.load(cluster)
     health = read_health(ctx.storage)
     records = {r["node"]: r for r in store.node_records(ctx.ledger)}
+    live, reached = _live_nodes(ctx)
     rows = []
-    for node in sorted(set(health) | set(records)):
-        h, r = health.get(node), records.get(node)
+    for node in sorted(set(live) | set(health) | set(records), key=lambda n: (n not in live, n)):
+        h, r, ray_node = health.get(node), records.get(node), live.get(node)
         rows.append(
             {
                 "node": node,
+                "ray_state": ray_node["state"] if ray_node else None,
+                "head": bool(ray_node and ray_node["is_head"]),
                 "healthy": h.healthy if h else None,
                 "reasons": list(h.reasons) if h else [],
                 "excluded": bool(r and r["excluded"]),
@@ -49,17 +51,30 @@ def list_cmd(cluster: ClusterOpt = None, json_: JsonOpt = False) -> None:
     if json_:
         emit_json(rows)
         return
+    if not reached:
+        err.print(f"cluster {ctx.cluster.name} is not reachable: its live nodes are not listed")
     if not rows:
-        err.print("no nodes known yet (no telemetry health files, no exclusions)")
+        err.print("no nodes known yet (no live cluster, no telemetry health files, no exclusions)")
         return
-    table = Table("NODE", "HEALTH", "EXCLUDED", "SINCE", "WHY")
+    table = id_table("NODE", [r["node"] for r in rows], "RAY", "HEALTH", "EXCLUDED", "SINCE", "WHY")
     now = time.time()
     for r in rows:
         health_s = "-" if r["healthy"] is None else ("ok" if r["healthy"] else "UNHEALTHY")
         since = human_duration(now - r["excluded_at"]) if r["excluded"] else ""
         why = r["reason"] if r["excluded"] else "; ".join(r["reasons"])
-        table.add_row(r["node"], health_s, "yes" if r["excluded"] else "no", since, why or "")
+        ray_s = (r["ray_state"] or "-") + (" (head)" if r["head"] else "")
+        table.add_row(r["node"], ray_s, health_s, "yes" if r["excluded"] else "no", since, why or "")
     out.print(table)
+
+
+def _live_nodes(ctx: Context) -> tuple[dict[str, dict], bool]:
+    """({Ray node id: node} of the cluster's alive nodes, whether the cluster answered). Asks the
+    dashboard over HTTP (no Ray import); a cluster that is down is no error."""
+    from controlplane import ray_cluster
+
+    info = ray_cluster.status(ctx.cluster)
+    nodes = {n["node_id"]: n for n in info.get("nodes") or [] if n.get("state") == "ALIVE"}
+    return nodes, bool(info.get("up"))
 
 
 @app.command()

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from controlplane.cli.common import JsonOpt, emit_json, out
+from controlplane.cli.common import JsonOpt, emit_json, human_params, out
 
 MfuOpt = Annotated[float, typer.Option("--mfu", help="Model FLOPs utilization to plan at (measured or assumed).")]
 PowerOpt = Annotated[
@@ -95,7 +95,7 @@ def print_plan(p) -> None:
     from rich.table import Table
 
     par = p.parallelism
-    t = Table(title=f"Plan: {p.parameters / 1e9:.2f}B parameters on {p.gpus} x {p.gpu_model}", show_header=False)
+    t = Table(title=f"Plan: {human_params(p.parameters)} parameters on {p.gpus} x {p.gpu_model}", show_header=False)
     t.add_column("what", style="bold")
     t.add_column("value")
     t.add_column("how", style="dim")

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from controlplane.cli.common import ClusterOpt, JsonOpt, RunArg, emit_json, err, human_duration, out
+from controlplane.cli.common import ClusterOpt, JsonOpt, RunArg, emit_json, err, human_duration, id_table, out
 from controlplane.context import Context
 from controlplane.errors import UserError
 from controlplane.rundir import EventTail, RunDir
@@ -70,7 +70,12 @@ def submit(
             {"run_id": run_dir.run_id, "attempt": attempt, "run_dir": str(run_dir.path), "supervisor_pid": supervisor}
         )
     else:
-        out.print(f"run {run_dir.run_id} submitted (attempt {attempt}); run dir {run_dir.path}")
+        what = (
+            f"submitted (attempt {attempt})"
+            if attempt is not None
+            else "recorded; its first attempt waits for a supervisor pass"
+        )
+        out.print(f"run {run_dir.run_id} {what}; run dir {run_dir.path}")
         if supervisor:
             out.print(
                 f"supervised in the background (pid {supervisor}); follow with `llmctl run watch {run_dir.run_id}`"
@@ -119,7 +124,7 @@ def list_cmd(
     if json_:
         emit_json(rows)
         return
-    table = Table("RUN", "STATE", "STEP", "LOSS", "AGE", "CAUSE")
+    table = id_table("RUN", [r["run_id"] for r in rows], "STATE", "STEP", "LOSS", "AGE", "CAUSE")
     now = time.time()
     for r in rows:
         loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
@@ -138,6 +143,8 @@ def status(run_id: RunArg, cluster: ClusterOpt = None, json_: JsonOpt = False) -
     run, run_dir = _run(ctx, run_id)
     total = _total_steps(run)
     s = status_summary(ctx, run, run_dir, total)
+    if RunState(run["state"]).is_terminal:
+        s["eta_s"] = None  # an ended run has no time left
     attempts = ctx.ledger.attempts(run["run_id"])
     incidents = ctx.ledger.incidents(run["run_id"])
     data = {
@@ -160,9 +167,14 @@ def status(run_id: RunArg, cluster: ClusterOpt = None, json_: JsonOpt = False) -
     tps = f"{s['tokens_per_s']:.0f}" if s["tokens_per_s"] else "-"
     out.print(f"[bold]{run['run_id']}[/bold]  {run['state']}" + (f"  ({run['cause']})" if run["cause"] else ""))
     out.print(
-        f"  step {s['step']}/{total or '?'}  loss {loss}  tokens {s['tokens']:,}  tokens/s {tps}  eta {human_duration(s['eta_s'])}"
+        f"  step {s['step']}/{total or '?'}  loss {loss}  tokens {s['tokens']:,}  tokens/s {tps}"
+        + (f"  eta {human_duration(s['eta_s'])}" if s["eta_s"] is not None else "")
     )
-    out.print(f"  checkpoints {s['checkpoints']} (last at step {s['last_checkpoint_step']})  run dir {run['run_dir']}")
+    last = f" (last at step {s['last_checkpoint_step']})" if s["last_checkpoint_step"] is not None else ""
+    out.print(f"  checkpoints {s['checkpoints']}{last}  run dir {run['run_dir']}")
+    started = [e for e in run_dir.recent_events(types={"start"}) if e.get("metrics_url")]
+    if started and not RunState(run["state"]).is_terminal:
+        out.print(f"  metrics {started[-1]['metrics_url']}  (all live runs: `llmctl dashboards targets`)")
     if s["events_window"]["from_byte"]:
         w = s["events_window"]
         out.print(
@@ -209,6 +221,9 @@ def events(
     type_: Annotated[list[str] | None, typer.Option("--type", "-t", help="Only these event types.")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
     tail: Annotated[int, typer.Option("--tail", "-n", help="Only the last N events (0 = all).")] = 0,
+    json_: Annotated[
+        bool, typer.Option("--json", help="One JSON array (with --follow: one JSON object a line, as without).")
+    ] = False,
 ) -> None:
     """Print the run's events.jsonl, one JSON object a line."""
     ctx = Context.load(cluster)
@@ -216,6 +231,9 @@ def events(
     types = set(type_) if type_ else None
     tail_ = EventTail(run_dir)
     first = [ev for ev in tail_.poll() if types is None or ev.get("type") in types]
+    if json_ and not follow:
+        emit_json(first[-tail:] if tail else first)
+        return
     for ev in first[-tail:] if tail else first:
         typer.echo(json.dumps(ev, ensure_ascii=False))
     while follow and not RunState(ctx.ledger.get_run(run["run_id"])["state"]).is_terminal:
@@ -230,6 +248,7 @@ def logs(
     run_id: RunArg,
     cluster: ClusterOpt = None,
     attempt: Annotated[int | None, typer.Option("--attempt", help="Attempt number (default: the latest).")] = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Driver and worker logs of an attempt, as kept in the run directory (else from the Ray Jobs API)."""
     ctx = Context.load(cluster)
@@ -242,6 +261,10 @@ def logs(
         raise UserError(f"--attempt: run {run['run_id']} has attempts 1..{attempts[-1]['attempt']}")
     n = chosen["attempt"]
     kept = saved_logs(run_dir, n)
+    if kept and json_:
+        files = [{"title": t, "path": str(p), "text": p.read_text(errors="replace")} for t, p in kept]
+        emit_json({"run_id": run["run_id"], "attempt": n, "source": "run_dir", "files": files})
+        return
     if kept:
         for title, path in kept:
             if len(kept) > 1:
@@ -254,12 +277,17 @@ def logs(
     from controlplane.errors import LlmctlError
 
     try:
-        typer.echo(ray_cluster.job_logs(ctx.cluster, chosen["job_id"]), nl=False)
+        text = ray_cluster.job_logs(ctx.cluster, chosen["job_id"])
     except (LlmctlError, RuntimeError, OSError) as exc:
         why = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(
             f"run {run['run_id']}: attempt {n} kept no logs in {run_dir.logs} and the Ray Jobs API has none ({why})"
         ) from None
+    if json_:
+        files = [{"title": "driver", "path": None, "text": text}]
+        emit_json({"run_id": run["run_id"], "attempt": n, "source": "ray_jobs_api", "files": files})
+        return
+    typer.echo(text, nl=False)
 
 
 def saved_logs(run_dir: RunDir, attempt: int) -> list[tuple[str, Path]]:

@@ -7,9 +7,18 @@ from typing import Annotated
 
 import typer
 
-from controlplane.cli.common import JsonOpt, emit_json, out
+from controlplane.cli.common import JsonOpt, emit_json, err, human_params, out
 from controlplane.errors import ConfigurationError
-from controlplane.spec import SPEC_KINDS, ClusterSpec, RunSpec, detect_kind, parse_yaml, spec_json_schema, validate
+from controlplane.spec import (
+    SPEC_KINDS,
+    ClusterSpec,
+    RunSpec,
+    detect_kind,
+    parse_yaml,
+    read_spec_text,
+    spec_json_schema,
+    validate,
+)
 
 app = typer.Typer(help="Inspect and check spec files (cluster, run, rollout).", no_args_is_help=True)
 
@@ -19,13 +28,7 @@ KindOpt = Annotated[str | None, typer.Option("--kind", "-k", help="cluster | run
 def _load(path: Path, kind: str | None):
     if kind is not None and kind not in SPEC_KINDS:
         raise ConfigurationError(f"--kind: expected one of {', '.join(SPEC_KINDS)}, got {kind!r}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigurationError(f"{path}: no such file") from None
-    except (IsADirectoryError, UnicodeDecodeError, OSError) as exc:
-        raise ConfigurationError(f"{path}: cannot read as UTF-8 text ({type(exc).__name__})") from None
-    data = parse_yaml(text, str(path))
+    data = parse_yaml(read_spec_text(path), str(path))
     model = SPEC_KINDS[kind] if kind else detect_kind(data)
     return validate(model, data, str(path))
 
@@ -41,7 +44,12 @@ def schema(kind: Annotated[str, typer.Argument(help="cluster | run | rollout")] 
 @app.command("validate")
 def validate_cmd(file: Path, kind: KindOpt = None) -> None:
     """Check a spec file; one line per problem, exit 2 if invalid."""
-    spec = _load(file, kind)
+    try:
+        spec = _load(file, kind)
+    except ConfigurationError as exc:
+        for line in exc.problems:
+            err.print(f"error: {line}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
     out.print(f"{file}: valid {type(spec).__name__}")
 
 
@@ -68,4 +76,4 @@ def show(file: Path, kind: KindOpt = None, json_: JsonOpt = False) -> None:
     out.print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip())
     if isinstance(spec, RunSpec):
         p = data["resolved"]["parameters"]
-        out.print(f"# parameters: {p:,} ({p / 1e9:.2f}B)")
+        out.print(f"# parameters: {p:,} ({human_params(p)})")

@@ -22,8 +22,15 @@ from controlplane.cli.common import ClusterOpt, JsonOpt, RunArg, emit_json, err,
 from controlplane.context import Context
 from controlplane.errors import UserError
 
+app = typer.Typer(
+    help="Keep every live run going (`llmctl supervise`), or say whether that runs (`supervise status`).",
+    invoke_without_command=True,
+)
 
+
+@app.callback()
 def supervise(
+    typer_ctx: typer.Context,
     cluster: ClusterOpt = None,
     once: Annotated[bool, typer.Option("--once", help="One pass over every live run, then exit.")] = False,
     interval: Annotated[float, typer.Option("--interval", min=0.1, max=3600, help="Seconds between passes.")] = 2.0,
@@ -33,7 +40,10 @@ def supervise(
     detach: Annotated[bool, typer.Option("--detach", help="Run in the background; log to <storage>/logs/.")] = False,
 ) -> None:
     """Keep every live run going: restart failures, detect hangs, roll back NaNs, exclude bad nodes."""
+    if typer_ctx.invoked_subcommand is not None:
+        return
     from controlplane.supervisor.loop import Supervisor
+    from controlplane.supervisor.status import PassRecorder
 
     ctx = Context.load(cluster)
     if detach:
@@ -52,9 +62,12 @@ def supervise(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     err.print(f"supervising {ctx.storage} (pid {os.getpid()})", markup=False)
+    passes = PassRecorder(ctx.storage, interval)
     try:
         while True:
-            for run_id, actions in sup.tick().items():
+            done = sup.tick()
+            passes.record(sorted(set(done) | {r["run_id"] for r in ctx.ledger.live_runs()}))
+            for run_id, actions in done.items():
                 for a in actions:
                     err.print(f"{run_id}: {a}", markup=False, highlight=False)
             if once or stop.wait(interval):
@@ -62,7 +75,36 @@ def supervise(
     finally:
         if server is not None:
             server.shutdown()
+        passes.clear()
+        sup.lock.release(remove=True)  # no pid is left behind once it has stopped
         sup.close()
+
+
+@app.command("status")
+def status_cmd(cluster: ClusterOpt = None, json_: JsonOpt = False) -> None:
+    """Whether a supervisor runs on this storage root: pid, since when, runs guarded, last pass.
+    Exit 0 either way ("not running" is an answer)."""
+    import time
+
+    from controlplane.supervisor.status import read_status
+
+    ctx = Context.load(cluster)
+    st = read_status(ctx.storage)
+    if json_:
+        emit_json(st)
+        return
+    if not st["running"]:
+        out.print(
+            f"supervisor: not running on {ctx.storage}"
+            + ("; removed the files a stopped supervisor left" if st.get("stale_cleaned") else "")
+            + "; start it with `llmctl supervise --detach`"
+        )
+        return
+    now = time.time()
+    since = f"since {human_duration(now - st['started_at'])} ago" if st.get("started_at") else "starting"
+    last = f"last pass {human_duration(now - st['last_pass_at'])} ago" if st.get("last_pass_at") else "no pass yet"
+    runs = ", ".join(st["runs"]) if st["runs"] else "none live"
+    out.print(f"supervisor: running, pid {st['pid']}, {since}, {last} ({st['passes']} passes); runs guarded: {runs}")
 
 
 def start_detached(ctx: Context, cluster: str | None, interval: float = 2.0, metrics_port: int | None = None) -> int:

@@ -197,5 +197,8 @@ def run_energy(
             f"counter vs integrated power: {dis}"
         )
         out.print(f"  tokens {report.tokens if report.tokens is not None else '-'}")
+    said: dict[str, int] = {}  # one power record per worker and attempt: each message once
     for p in report.power:
-        out.print(f"  {p.get('message')}")
+        said[str(p.get("message"))] = said.get(str(p.get("message")), 0) + 1
+    for message, n in said.items():
+        out.print(f"  {message}" + (f" ({n} workers/attempts)" if n > 1 else ""))

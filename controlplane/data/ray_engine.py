@@ -132,5 +132,4 @@ def choose_engine(cluster: Any, engine: str) -> tuple[str, str | None, dict[str,
         if engine == "ray":
             raise UserError("--engine ray: the local Ray cluster is not up: run `llmctl cluster up`")
         return "local", None, None
-    env = ray_cluster.ray_env(Path(state.token_file))
-    return "ray", state.gcs_address, {k: v for k, v in env.items() if k.startswith("RAY_")}
+    return "ray", state.gcs_address, ray_cluster.ray_env(Path(state.token_file), only_ray=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from controlplane.errors import NotFoundError, UserError
+from controlplane.errors import NotFoundError, RetryableError, UserError
 from controlplane.observability.query import PromClient, Series
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -54,13 +54,13 @@ def _series_for(prom: PromClient, panel: SnapshotPanel, run_id: str, start: floa
     return prom.query_range(panel.expr.replace("RUN", run_id), start, end, step)
 
 
-def _draw(ax, panel: SnapshotPanel, series: list[Series]) -> None:
+def _draw(ax, panel: SnapshotPanel, series: list[Series], t0: float, div: float) -> None:
     for s in series:
         pts = [(t, v) for t, v in s.points if v == v]  # drop NaN
         if not pts:
             continue
         base = pts[0][1] if panel.cumulative_from_start else 0.0
-        xs = [datetime.fromtimestamp(t, tz=UTC) for t, _ in pts]
+        xs = [(t - t0) / div for t, _ in pts]
         ys = [(v - base) * panel.scale for _, v in pts]
         label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("__name__", "job", "instance"))
         ax.plot(xs, ys, linewidth=1.4, label=label or None)
@@ -73,10 +73,12 @@ def _draw(ax, panel: SnapshotPanel, series: list[Series]) -> None:
         ax.legend(fontsize=7)
 
 
-def _time_axis(ax, mdates) -> None:
-    locator = mdates.AutoDateLocator(minticks=3, maxticks=7)
-    ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+def time_unit(span_s: float) -> tuple[str, float]:
+    """One unit for a whole time axis, by its span: (name, seconds per unit)."""
+    for name, div, upto in (("s", 1.0, 120), ("min", 60.0, 2 * 3600), ("h", 3600.0, 2 * 86400)):
+        if span_s <= upto:
+            return name, div
+    return "days", 86400.0
 
 
 def snapshot(
@@ -87,17 +89,22 @@ def snapshot(
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
     prom = PromClient(prom_url)
     end = end or time.time()
     start = end - since_s
-    data = {p.key: _series_for(prom, p, run_id, start, end) for p in PANELS}
-    first = min((s.points[0][0] for series in data.values() for s in series if s.points), default=None)
-    if first is not None and end - first < 0.5 * (end - start):  # a short run: zoom in, finer steps
-        start = max(start, first - 1.0)
+    try:
         data = {p.key: _series_for(prom, p, run_id, start, end) for p in PANELS}
+        first = min((s.points[0][0] for series in data.values() for s in series if s.points), default=None)
+        if first is not None and end - first < 0.5 * (end - start):  # a short run: zoom in, finer steps
+            start = max(start, first - 1.0)
+            data = {p.key: _series_for(prom, p, run_id, start, end) for p in PANELS}
+    except RetryableError:
+        raise UserError(
+            f"Prometheus at {prom_url} does not answer: start it, or give its URL with --prometheus "
+            "(or $LLMCTL_PROMETHEUS_URL)"
+        ) from None
     present = [p for p in PANELS if any(s.points for s in data[p.key])]
     if not present:
         raise NotFoundError(
@@ -106,11 +113,13 @@ def snapshot(
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     stamp = datetime.fromtimestamp(end, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
+    t0 = min(s.points[0][0] for series in data.values() for s in series if s.points)
+    unit, div = time_unit(end - t0)
+    xlabel = f"{unit} since {datetime.fromtimestamp(t0, tz=UTC).strftime('%Y-%m-%d %H:%M:%S UTC')}"
     for p in present:
         fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
-        _draw(ax, p, data[p.key])
-        _time_axis(ax, mdates)
-        ax.set_xlabel("time (UTC)")
+        _draw(ax, p, data[p.key], t0, div)
+        ax.set_xlabel(xlabel)
         fig.suptitle(f"{run_id} - {p.title}", fontsize=10)
         fig.tight_layout()
         path = out_dir / f"{run_id}-{p.key}.png"
@@ -120,8 +129,8 @@ def snapshot(
     fig, axes = plt.subplots(2, 2, figsize=(12, 7), dpi=110)
     for ax, p in zip(axes.flat, PANELS, strict=True):
         if p in present:
-            _draw(ax, p, data[p.key])
-            _time_axis(ax, mdates)
+            _draw(ax, p, data[p.key], t0, div)
+            ax.set_xlabel(xlabel)
         else:
             ax.set_title(p.title)
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")

@@ -35,7 +35,7 @@ def draw(path: Path, scenario, summary, first, curve) -> None:
     ax1.set_ylabel("goodput (ETTR), %")
     ax1.set_title(
         f"Goodput vs checkpoint interval: {cfg.gpus} GPUs, MTBF {summary.cluster_mtbf_hours:.1f} h, "
-        f"stall {cfg.stall_s:.1f} s, restart {cfg.restart_s / 60:.0f} min"
+        f"stall {cfg.stall_s:.1f} s, restart {_duration(cfg.restart_s)}"
     )
     ax1.grid(True, which="both", alpha=0.3)
 
@@ -92,3 +92,8 @@ def draw(path: Path, scenario, summary, first, curve) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _duration(seconds: float) -> str:
+    """Seconds under two minutes, else minutes (a 10 s restart is not '0 min')."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"

@@ -44,7 +44,7 @@ def resolve_address(cluster: ClusterSpec | None = None, address: str | None = No
 
         if ray_cluster.status(cluster)["up"]:
             state = ray_cluster.read_state(cluster)
-            return state.gcs_address, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state.token_file}
+            return state.gcs_address, ray_cluster.ray_env(Path(state.token_file), only_ray=True)
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         return ray.get_runtime_context().gcs_address, {}

@@ -25,7 +25,9 @@ from controlplane.spec.base import (  # noqa: F401
     format_validation_error,
     load_spec,
     parse_yaml,
+    problem_lines,
     read_record,
+    read_spec_text,
     validate,
 )
 from controlplane.spec.cluster import (  # noqa: F401
@@ -70,14 +72,31 @@ SPEC_KINDS: dict[str, type[StrictModel]] = {"cluster": ClusterSpec, "run": RunSp
 
 
 def detect_kind(data: Any) -> type[StrictModel]:
-    """Guess which spec a mapping is (for `spec validate` without --kind)."""
+    """Guess which spec a mapping is (for `spec validate` without --kind): the one kind whose
+    fields hold every top-level key, else by its telltale keys, else a run spec."""
     if isinstance(data, dict):
+        fitting = [m for m in SPEC_KINDS.values() if data and set(data) <= set(m.model_fields)]
+        if len(fitting) == 1:
+            return fitting[0]
         if "traffic_steps" in data or "min_eval" in data or ("model" in data and isinstance(data["model"], str)):
             return RolloutSpec
-        if {"node_groups", "kind", "storage", "pue"} & data.keys():
+        if {"node_groups", "kind", "storage", "pue", "ray", "address"} & data.keys():
             return ClusterSpec
     return RunSpec
 
 
+def _factory_defaults(model: type[StrictModel], schema: dict[str, Any]) -> None:
+    """Fill `default` where a field's default comes from a factory (pydantic leaves it out),
+    so the schema says what `spec show` resolves (train.max_steps 200, not null)."""
+    for name, field in model.model_fields.items():
+        prop = schema.get("properties", {}).get(name)
+        if prop is not None and field.default_factory is not None and "default" not in prop:
+            value = field.default_factory()
+            prop["default"] = value.model_dump(mode="json") if isinstance(value, StrictModel) else value
+
+
 def spec_json_schema(kind: str) -> dict[str, Any]:
-    return SPEC_KINDS[kind].model_json_schema()
+    model = SPEC_KINDS[kind]
+    schema = model.model_json_schema()
+    _factory_defaults(model, schema)
+    return schema

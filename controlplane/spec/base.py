@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -61,31 +63,59 @@ def parse_yaml(text: str, source: str = "<spec>") -> Any:
     return data
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    parts = []
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the model that holds `loc`'s last key ([] when the path leaves models)."""
+    current: Any = model
+    for key in loc[:-1]:
+        field = current.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            return []
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return []
+        current = nested[0]
+    return list(current.model_fields)
+
+
+def problem_lines(exc: ValidationError, model: type[BaseModel] | None = None) -> list[str]:
+    """One line per problem: `field.path: what is wrong` (an unknown key gets a "did you mean")."""
+    lines = []
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
-        parts.append(f"{path}: {msg}")
-    more = f" (and {len(parts) - 1} more)" if len(parts) > 1 else ""
+            known = _fields_at(model, tuple(err["loc"])) if model is not None else []
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1, cutoff=0.6)
+            if close:
+                msg += f"; did you mean {close[0]!r}?"
+        lines.append(f"{path}: {msg}")
+    return lines
+
+
+def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
+    parts = problem_lines(exc, model)
+    more = f" (and {len(parts) - 1} more: `llmctl spec validate` lists them)" if len(parts) > 1 else ""
     return f"{source}: {parts[0]}{more}" if parts else f"{source}: invalid"
 
 
 def validate(model: type[M], data: Any, source: str = "<spec>") -> M:
     if data is None:
-        data = {}
+        raise ConfigurationError(
+            f"{source}: empty (no settings, only comments or nothing): expected a mapping of fields"
+        )
     if not isinstance(data, dict):
         raise ConfigurationError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigurationError(format_validation_error(exc, source)) from None
+        problems = [f"{source}: {line}" for line in problem_lines(exc, model)]
+        raise ConfigurationError(format_validation_error(exc, source, model), problems) from None
 
 
-def load_spec(model: type[M], path: str | Path) -> M:
-    """Read and validate one spec file; every problem is a one-line ConfigurationError."""
+def read_spec_text(path: str | Path) -> str:
+    """A spec file's text; a missing, unreadable or non-UTF-8 file is a one-line ConfigurationError."""
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -96,10 +126,14 @@ def load_spec(model: type[M], path: str | Path) -> M:
     except OSError as exc:
         raise ConfigurationError(f"{p}: cannot read ({exc.strerror})") from None
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigurationError(f"{p}: not UTF-8 text") from None
-    return validate(model, parse_yaml(text, str(p)), str(p))
+
+
+def load_spec(model: type[M], path: str | Path) -> M:
+    """Read and validate one spec file; every problem is a one-line ConfigurationError."""
+    return validate(model, parse_yaml(read_spec_text(path), str(path)), str(path))
 
 
 def _prune(model: type[BaseModel], data: Any) -> Any:

@@ -151,6 +151,14 @@ class SupervisorLock:
             raise SupervisorBusy(
                 f"another supervisor (pid {self.holder() or '?'}) is running on {self.path.parent}"
             ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # a holder removed the file as it let go: lock the one at the path now
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            return self.acquire()
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -160,8 +168,11 @@ class SupervisorLock:
             return int(self.path.read_text().strip())
         return None
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Let go; `remove`: delete the file first, so no pid is left behind for a reader."""
         if self._fd is not None:
+            if remove:
+                self.path.unlink(missing_ok=True)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

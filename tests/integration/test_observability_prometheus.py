@@ -331,3 +331,14 @@ def test_snapshot_renders_the_run_as_png(stack, tmp_path):
         app, ["dashboards", "snapshot", "no-such-run", str(out), "--prometheus", stack["prom"].url]
     )
     assert res.exit_code == 2 and "no data" in res.output
+    # a prefix of a run this ledger holds works as in every `run` verb
+    from controlplane.context import Context
+
+    Context.load().ledger.create_run(run_id, "snap", {}, {}, str(tmp_path / "rd"))
+    prefixed = tmp_path / "prefixed"
+    res = CliRunner().invoke(
+        app,
+        ["dashboards", "snapshot", run_id[:-3], str(prefixed), "--prometheus", stack["prom"].url, "--since", "0.2"],
+    )
+    assert res.exit_code == 0, res.output
+    assert (prefixed / f"{run_id}-overview.png").exists()

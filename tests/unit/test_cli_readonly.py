@@ -16,7 +16,8 @@ from controlplane.cli.main import app
 r = CliRunner()
 out = []
 for args in (["run", "list"], ["run", "status", "demo-run"], ["run", "events", "demo-run"], ["run", "list", "--json"],
-             ["run", "decisions", "demo-run"]):
+             ["run", "decisions", "demo-run"], ["supervise", "status"], ["node", "list"], ["cluster", "status"],
+             ["runbook", "show", "TrainingHang"]):
     res = r.invoke(app, args)
     out.append([args, res.exit_code, res.output])
 heavy = [m for m in ("ray", "torch", "transformers") if m in sys.modules]

@@ -37,6 +37,8 @@ def resolve(argv: list[str]):
         ctx = cmd.make_context("llmctl", list(argv), resilient_parsing=True)
         while hasattr(cmd, "resolve_command"):  # a group
             rest = [*ctx._protected_args, *ctx.args]
+            if not rest and getattr(cmd, "invoke_without_command", False):
+                break  # a group that is a command of its own too (`llmctl supervise`)
             if not rest:
                 raise CommandParseError(f"{' '.join(path)}: a command group, not a command")
             wanted = rest[0]

@@ -138,3 +138,71 @@ def test_cli_schema_and_show(tmp_path):
     assert "13.02B" in result.output
     result = runner.invoke(app, ["spec", "schema", "nope"])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("text", ["", "# nothing but a comment\n\n# and another\n", "---\n"])
+@pytest.mark.parametrize("kind", [None, "run", "cluster"])
+def test_an_empty_or_all_comment_spec_is_refused_in_one_line(tmp_path, text, kind):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigurationError, match="empty"):
+        load_spec(ClusterSpec if kind == "cluster" else RunSpec, path)
+    result = runner.invoke(app, ["spec", "validate", str(path), *(["--kind", kind] if kind else [])])
+    assert result.exit_code == 2
+    assert "empty" in result.output and "valid" not in result.output.replace("invalid", "")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_an_unknown_key_gets_did_you_mean(tmp_path):
+    path = write(tmp_path, "workers: {num_worker: 2}\ntrain: {max_steps: 5}\n")
+    with pytest.raises(ConfigurationError, match=r"workers.num_worker: unknown field; did you mean 'num_workers'\?"):
+        load_spec(RunSpec, path)
+    far = write(tmp_path, "zzzz: 1\n", "far.yaml")
+    with pytest.raises(ConfigurationError) as exc:
+        load_spec(RunSpec, far)
+    assert "did you mean" not in str(exc.value)
+
+
+def test_spec_validate_prints_every_problem_one_line_each(tmp_path):
+    path = write(tmp_path, "workers: {num_worker: 2}\ntrain: {max_step: 3, seq_len: -1}\nbogus: 1\n")
+    result = runner.invoke(app, ["spec", "validate", str(path), "--kind", "run"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 4, result.output
+    for fragment in ("workers.num_worker", "train.max_step", "train.seq_len", "bogus"):
+        assert sum(fragment in line for line in lines) == 1, fragment
+    assert "more" not in result.output
+    with pytest.raises(ConfigurationError, match=r"\(and 3 more"):
+        load_spec(RunSpec, path)  # elsewhere one line: the first problem and how many more
+
+
+def test_a_cluster_spec_is_told_apart_without_kind(tmp_path):
+    path = write(tmp_path, "name: lab\nray: {worker_nodes: 1}\n")
+    result = runner.invoke(app, ["spec", "validate", str(path)])
+    assert result.exit_code == 0 and "valid ClusterSpec" in result.output
+
+
+def test_schema_defaults_are_what_spec_show_resolves(tmp_path):
+    import json
+
+    schema = json.loads(runner.invoke(app, ["spec", "schema", "run"]).output)
+    shown = json.loads(runner.invoke(app, ["spec", "show", str(write(tmp_path, "name: x\n")), "--json"]).output)
+    assert schema["properties"]["train"]["default"]["max_steps"] == shown["train"]["max_steps"] == 200
+    for key, prop in schema["properties"].items():
+        if "default" in prop and key != "name":  # name is the one field the file sets
+            assert prop["default"] == shown[key], key
+
+
+def test_spec_validate_and_run_submit_say_the_same_of_a_directory(tmp_path):
+    said = []
+    for args in (["spec", "validate", str(tmp_path)], ["run", "submit", str(tmp_path)]):
+        result = runner.invoke(app, args, env={"LLMCTL_HOME": str(tmp_path / "home")})
+        assert result.exit_code == 2
+        said.append(result.output.strip())
+    assert said[0] == said[1] and "is a directory" in said[0]
+
+
+def test_spec_show_counts_a_small_model_in_its_unit(tmp_path):
+    result = runner.invoke(app, ["spec", "show", str(write(tmp_path, GOOD_RUN))])
+    assert result.exit_code == 0
+    line = [x for x in result.output.splitlines() if x.startswith("# parameters")][0]
+    assert "0.00" not in line and line.endswith(("K)", "M)")), line

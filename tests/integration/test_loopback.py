@@ -1,0 +1,102 @@
+"""The local cluster listens on loopback only.
+
+The session cluster (a head and one extra raylet node, as `cluster up --worker-nodes 1` starts
+them) runs a driver with an actor, as a job or the Ray Data engine does; then every socket any
+process of it listens on (GCS, raylets, dashboard, agents, client server, metrics, the driver's
+workers) must be bound to 127.0.0.1. The driver itself connects by the recorded GCS address, so
+a client of the cluster reaches it on loopback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from controlplane import ray_cluster
+from controlplane.spec import ClusterSpec, StorageSpec
+
+pytestmark = pytest.mark.integration
+
+DRIVER = """
+import os, sys
+import ray
+ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def pid(self):
+        return os.getpid()
+
+probe = Probe.remote()
+print(ray.get(probe.pid.remote()), flush=True)
+sys.stdin.read()  # held until the test has listed the sockets
+"""
+
+
+def _is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def _cluster_processes(state: ray_cluster.LocalClusterState) -> list[psutil.Process]:
+    procs: dict[int, psutil.Process] = {}
+    for node in state.nodes:
+        try:
+            root = psutil.Process(node.pid)
+            for p in [root, *root.children(recursive=True)]:
+                procs[p.pid] = p
+        except psutil.NoSuchProcess:
+            continue
+    return list(procs.values())
+
+
+def _bound_sockets(procs: list[psutil.Process]) -> list[tuple[str, int, str, int]]:
+    """(process name, pid, ip, port) of every listening TCP and bound UDP socket."""
+    out = []
+    for p in procs:
+        try:
+            for c in p.net_connections(kind="inet"):
+                listening = c.status == psutil.CONN_LISTEN or (c.type == 2 and c.laddr and not c.raddr)
+                if listening and c.laddr:
+                    out.append((p.name(), p.pid, c.laddr.ip, c.laddr.port))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def test_every_socket_of_the_local_cluster_is_on_loopback(ray_home):
+    state = ray_cluster.read_state(ClusterSpec(storage=StorageSpec(root=str(ray_home))))
+    assert state is not None and len(state.nodes) >= 2, "the session cluster has a head and a worker node"
+    env = {**ray_cluster.ray_env(Path(state.token_file)), "RAY_ADDRESS": state.gcs_address}
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        ready, _, _ = select.select([driver.stdout], [], [], 120)
+        line = driver.stdout.readline() if ready else ""
+        assert line.strip().isdigit(), f"the driver did not reach the cluster at {state.gcs_address}"
+        actor_pid = int(line)
+        procs = _cluster_processes(state)
+        assert actor_pid in {p.pid for p in procs}, "the actor runs under a node that `cluster up` started"
+        sockets = _bound_sockets(procs)
+    finally:
+        driver.stdin.close()
+        try:
+            driver.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            driver.kill()
+            driver.wait(timeout=10)
+    names = {name for name, *_ in sockets}
+    assert {"gcs_server", "raylet"} <= names, f"the listing saw Ray's servers: {sorted(names)}"
+    assert any(pid == actor_pid for _, pid, _, _ in sockets), "the actor's worker listens too"
+    wide = [s for s in sockets if not _is_loopback(s[2])]
+    assert not wide, "listening beyond loopback:\n" + "\n".join(json.dumps(s) for s in wide)
