@@ -158,7 +158,7 @@ class HFScorer:
         """The key/value cache of `prefix`, computed once, repeated for `rows` rows."""
         torch = self.torch
         with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
+            out = self.model.base_model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
         cache = out[self._cache_kw]  # the output field is renamed with the argument
         cache.batch_repeat_interleave(rows)
         return cache
@@ -192,63 +192,62 @@ class HFScorer:
         """Greedy continuation of each prompt, up to its own token cap or the first newline."""
         lengths = [len(p) + cap for p, cap in requests]
         out = [""] * len(requests)
-        for batch in batches(lengths, self.batch_tokens):
-            for i, text in zip(batch, self._generate_batch([requests[i] for i in batch]), strict=True):
-                out[i] = text
+        with self.torch.inference_mode():
+            for batch in batches(lengths, self.batch_tokens):
+                for i, text in zip(batch, self._generate_batch([requests[i] for i in batch]), strict=True):
+                    out[i] = text
         return out
 
     def _generate_batch(self, reqs: Sequence[GenRequest]) -> list[str]:
-        """Prefill each prompt alone (the causal kernel, no padding), then decode all rows at once."""
+        """The shared prefix once, every row's own part in one right-padded pass, then decode together.
+
+        Right padding keeps the prefill causal with no mask: a real token never sees the padding
+        after it. While decoding, the padding columns are masked out and each row's positions
+        continue from its own length. A row that has stopped leaves the batch (its cache rows go).
+        """
         torch = self.torch
-        from transformers import DynamicCache
-
         stops = self.newline_ids()
-        layers: list[list] = []
-        tokens: list[list[int]] = []
-        with torch.no_grad():
-            for prompt, _ in reqs:
-                out = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1)
-                layers.append(_kv(out[self._cache_kw]))
-                tokens.append([int(out.logits[0, -1].argmax())])
-            width = max(len(p) for p, _ in reqs)
-            merged = []
-            for i in range(len(layers[0])):  # left-pad every row's keys/values to `width`
-                merged.append(tuple(torch.cat([_left_pad(kv[i][j], width) for kv in layers]) for j in (0, 1)))
-            cache = DynamicCache(merged)
-            mask = torch.zeros((len(reqs), width), dtype=torch.long, device=self.device)
-            for b, (prompt, _) in enumerate(reqs):
-                mask[b, width - len(prompt) :] = 1
-            lengths = torch.tensor([len(p) for p, _ in reqs], device=self.device)
-            done = [t[0] in stops or cap <= 1 for t, (_, cap) in zip(tokens, reqs, strict=True)]
-            step = 0
-            while not all(done):
-                mask = torch.cat([mask, torch.ones((len(reqs), 1), dtype=mask.dtype, device=self.device)], dim=1)
-                out = self.model(
-                    input_ids=torch.tensor([[t[-1]] for t in tokens], device=self.device),
-                    attention_mask=mask,
-                    position_ids=(lengths + step)[:, None],
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{self._cache_kw: cache},
-                )
-                cache = out[self._cache_kw]
-                step += 1
-                for b, t in enumerate(out.logits[:, -1].argmax(-1).tolist()):
-                    if not done[b]:
-                        tokens[b].append(t)
-                        done[b] = t in stops or len(tokens[b]) >= reqs[b][1]
+        prompts = [p for p, _ in reqs]
+        shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)  # each row keeps >= 1 token
+        cache = self._prefix_cache(prompts[0][:shared], len(reqs)) if shared > 0 else None
+        own = [len(p) - shared for p in prompts]
+        width = max(own)
+        ids = torch.zeros((len(reqs), width), dtype=torch.long)
+        mask = torch.zeros((len(reqs), shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        for b, prompt in enumerate(prompts):
+            ids[b, : own[b]] = torch.tensor(prompt[shared:])
+            mask[b, shared : shared + own[b]] = 1
+        out = self.model.base_model(input_ids=ids.to(self.device), use_cache=True, **{self._cache_kw: cache})
+        cache = out[self._cache_kw]
+        last = out.last_hidden_state[torch.arange(len(reqs)), torch.tensor(own) - 1]
+        first = self.model.get_output_embeddings()(last).argmax(-1).tolist()
+        tokens = [[t] for t in first]
+        alive = [b for b, (t, (_, cap)) in enumerate(zip(first, reqs, strict=True)) if t not in stops and cap > 1]
+        mask = mask.to(self.device)[alive]
+        pos = torch.tensor([len(prompts[b]) for b in alive], device=self.device)
+        if alive and len(alive) < len(reqs):
+            cache.batch_select_indices(torch.tensor(alive, dtype=torch.long, device=self.device))
+        while alive:
+            mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=self.device)], dim=1)
+            out = self.model(
+                input_ids=torch.tensor([[tokens[b][-1]] for b in alive], device=self.device),
+                attention_mask=mask,
+                position_ids=pos[:, None],
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kw: cache},
+            )
+            cache = out[self._cache_kw]
+            pos = pos + 1
+            keep = []
+            for row, (b, t) in enumerate(zip(alive, out.logits[:, -1].argmax(-1).tolist(), strict=True)):
+                tokens[b].append(t)
+                if t not in stops and len(tokens[b]) < reqs[b][1]:
+                    keep.append(row)
+            if keep and len(keep) < len(alive):
+                index = torch.tensor(keep, dtype=torch.long, device=self.device)
+                cache.batch_select_indices(index)
+                mask, pos = mask[index], pos[index]
+            alive = [alive[r] for r in keep]
         return [self.tok.decode(t) for t in tokens]
-
-
-def _kv(cache) -> list[tuple]:
-    """(keys, values) per layer of a transformers cache (5.x layers, or 4.x key/value lists)."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))
-
-
-def _left_pad(t, width: int):
-    import torch
-
-    pad = width - t.shape[-2]
-    return torch.nn.functional.pad(t, (0, 0, pad, 0)) if pad else t
