@@ -13,7 +13,11 @@ LOSS_TOL, while a wrong shard, a missed reduction or a different sample is off b
 Resharding: a checkpoint written by 2 ranks resumes on 1 and a checkpoint of that 1-rank run
 resumes on 2 (the committed checkpoint is handed to a run with another num_workers, as a later
 attempt with fewer or more workers sees it), ending within LOSS_TOL of the uninterrupted run.
-Same world, same checkpoint: a resume or an in-place reload is exact.
+Same world, same checkpoint: a resume or an in-place reload is exact, and so is an HSDP
+replacement that gets its shards from a replica's memory.
+
+Elastic world: on a raylet of its own with one of its 2 CPUs held, an attempt resumes a 2-rank
+checkpoint on 1 worker and grows back to 2 once the CPU is released, within LOSS_TOL.
 """
 
 from __future__ import annotations
