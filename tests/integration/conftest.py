@@ -21,8 +21,8 @@ from controlplane.spec import ClusterSpec, StorageSpec
 def ray_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("ray-home")
     cluster = ClusterSpec(storage=StorageSpec(root=str(home)))
-    ray_cluster.up(cluster, num_cpus=4, worker_nodes=1)
-    try:
+    try:  # a start that fails half way (the head up, a worker node not) is stopped too
+        ray_cluster.up(cluster, num_cpus=4, worker_nodes=1)
         yield home
     finally:
         ray_cluster.down(cluster)
