@@ -94,3 +94,16 @@ def test_default_batch_budget_follows_the_key_value_cache_size():
     assert default_batch_tokens(big, 2) == 16384  # 800 KiB a token: the floor, 13 GB of cache
     gqa = LlamaConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
     assert default_batch_tokens(gqa, 2) == (1 << 30) // (2 * 8 * 2 * 64 * 2)
+
+
+def test_vllm_runs_the_saved_dtype(tmp_path):
+    import json
+
+    from jobs.evaluate.vllm_scorer import saved_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    assert saved_dtype(tmp_path) == "float32"
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    assert saved_dtype(tmp_path) == "bfloat16"
+    (tmp_path / "config.json").write_text("{}")
+    assert saved_dtype(tmp_path) == "auto"
