@@ -1,15 +1,20 @@
 """Evaluation speed: `llmctl eval`'s scorer against a one-question-at-a-time loop, same run.
 
 Prints, for JCommonsenseQA and JSQuAD, questions/s of the evaluation job's transformers
-scorer (batched across questions sorted by length, one packed pass for the five choices,
-shared-prefix cache, newline stop) over questions/s of a straightforward loop over the SAME
-model, prompts and examples (one forward of five padded rows per question; one `generate` per
-question at batch 1), as a ratio, and how many answers the two agree on. Then the projected
-wall time of the full validation sets (1,119 + 4,442 questions) for the 13b preset on one GPU
-from the planner's FLOP count.
+scorer (the engine `llmctl eval` uses without a GPU: batched across questions sorted by
+length, one packed pass for the five choices, shared-prefix cache, one right-padded prefill
+per batch, newline stop, stopped rows leaving the batch) over questions/s of a
+straightforward loop over the SAME model, dtype, threads, prompts, examples and stop rules
+(one forward of five padded rows per question; one `generate` per question at batch 1,
+capped at the longest gold answer's tokens and stopped at a newline token), as a ratio. The
+two must give the same answer to every question and the same score, or the benchmark fails.
+Model loading is not counted on either side; with `--vllm` the vLLM scorer is timed against
+the same baseline, steady state and with its engine start-up counted. Then the projected
+wall time of the full validation sets (1,119 + 4,442 questions) for the 13b preset on one
+GPU from the planner's FLOP count.
 
     python benchmarks/eval_speed.py [--jcommonsenseqa VALID --jcommonsenseqa-train TRAIN]
-        [--jsquad VALID --jsquad-train TRAIN] [--limit 200] [--threads 2]
+        [--jsquad VALID --jsquad-train TRAIN] [--limit 200] [--threads 2] [--vllm]
 
 Without files it writes items in JGLUE's layouts from a few Japanese lines. The model is the
 tiny preset's shape (2 layers, hidden 64) with a 2,048-token context, so that 3-shot and
@@ -29,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.evaluate.files import load_jcommonsenseqa, load_jsquad  # noqa: E402
-from jobs.evaluate.harness import DEFAULT_PROMPT_VERSION, first_line, plan, template  # noqa: E402
+from jobs.evaluate.harness import DEFAULT_PROMPT_VERSION, exact_match, first_line, percent, plan, template  # noqa: E402
 
 LINES = [
     "富士山は静岡県と山梨県にまたがる山で、標高は3776メートルです。日本で一番高い山として知られています。",
@@ -182,6 +187,26 @@ def project_13b(jcqa_chars: float, jsquad_chars: float, answer_tokens: float, to
     return out
 
 
+def baseline_scores(task: str, todo, base) -> float:
+    if task == "jcommonsenseqa":
+        return percent(sum(p == item.label for p, (item, _) in zip(base, todo, strict=True)), len(todo))
+    return percent(sum(exact_match(p, item.answers) for p, (item, _) in zip(base, todo, strict=True)), len(todo))
+
+
+def compare(task: str, scores: dict, preds: list, base: list, todo) -> dict:
+    """How far a scorer's answers and score are from the baseline's."""
+    key, score = (
+        ("pred", "jcommonsenseqa_accuracy") if task == "jcommonsenseqa" else ("prediction", "jsquad_exact_match")
+    )
+    agree = sum(p[key] == b for p, b in zip(preds, base, strict=True))
+    return {
+        "answers_agreeing_with_baseline": f"{agree}/{len(todo)}",
+        "score": round(scores[score], 2),
+        "baseline_score": round(baseline_scores(task, todo, base), 2),
+        "identical": agree == len(todo),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     for task in ("jcommonsenseqa", "jsquad"):
@@ -193,6 +218,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="jcommonsenseqa,jsquad")
     ap.add_argument("--prompt-version", default=DEFAULT_PROMPT_VERSION)
     ap.add_argument("--tokens-per-char", type=float, default=0.8, help="of a 32k Japanese tokenizer (projection)")
+    ap.add_argument("--vllm", action="store_true", help="also time the vLLM scorer against the same baseline")
     args = ap.parse_args()
 
     import torch
@@ -208,16 +234,20 @@ def main() -> None:
         for task in ("jcommonsenseqa", "jsquad"):
             files[task] = getattr(args, task) or made[f"{task}_valid"]
             files[f"{task}_train"] = getattr(args, f"{task}_train") or made[f"{task}_train"]
-        scorer = HFScorer(tiny_model(root / "model"), "cpu", batch_tokens=args.batch_tokens)
+        model = tiny_model(root / "model")
+        scorer = HFScorer(model, "cpu", batch_tokens=args.batch_tokens)
+        scorer.newline_ids()  # the stop tokens, found once per tokenizer, are shared by both ways
         report: dict = {"threads": args.threads, "limit": args.limit, "dtype": scorer.dtype}
         report["batch_tokens"] = scorer.batch_tokens
-        chars = {}
-        for task, load, run, k in (
-            ("jcommonsenseqa", load_jcommonsenseqa, eval_jcommonsenseqa, 3),
-            ("jsquad", load_jsquad, eval_jsquad, 2),
-        ):
-            if task not in args.tasks.split(","):
-                continue
+        report["counted"] = "scoring only: the model is loaded once and shared by both ways (vLLM: see its startup_s)"
+        runs = {
+            "jcommonsenseqa": (load_jcommonsenseqa, eval_jcommonsenseqa, 3),
+            "jsquad": (load_jsquad, eval_jsquad, 2),
+        }
+        tasks = [t for t in runs if t in args.tasks.split(",")]
+        chars, work = {}, {}
+        for task in tasks:
+            load, run, k = runs[task]
             items, train = load(files[task]), load(files[f"{task}_train"])
             tpl = template(task, args.prompt_version)
             todo = plan(items, train, k, args.limit)
@@ -228,23 +258,50 @@ def main() -> None:
             t0 = time.perf_counter()
             base = (baseline_jcqa if task == "jcommonsenseqa" else baseline_jsquad)(scorer, todo, tpl)
             slow = len(todo) / (time.perf_counter() - t0)
-            key = "pred" if task == "jcommonsenseqa" else "prediction"
-            agree = sum(p[key] == b for p, b in zip(preds, base, strict=True))
+            same = compare(task, scores, preds, base, todo)
             report[task] = {
                 "questions": len(todo),
                 "questions_per_s": round(fast, 1),
                 "baseline_questions_per_s": round(slow, 1),
                 "speedup": round(fast / slow, 2),
-                "answers_agreeing_with_baseline": f"{agree}/{len(todo)}",
+                **same,
                 "truncated": scores[f"{task}_truncated"],
             }
+            if not same["identical"] or same["score"] != same["baseline_score"]:
+                sys.exit(f"error: {task}: the scorer's answers differ from the baseline's: {same}")
+            work[task] = (items, train, k, todo, base, slow)
             if task == "jsquad":
                 answer_chars = sum(max(len(a) for a in i.answers) for i, _ in todo) / len(todo)
+        if args.vllm:
+            report["vllm"] = time_vllm(model, runs, work, args)
         if len(chars) == 2:
             report["projected_13b_one_gpu"] = project_13b(
                 chars["jcommonsenseqa"], chars["jsquad"], answer_chars * args.tokens_per_char, args.tokens_per_char
             )
     print(json.dumps(report, ensure_ascii=False, indent=1))
+
+
+def time_vllm(model: Path, runs: dict, work: dict, args: argparse.Namespace) -> dict:
+    """The vLLM scorer over the same items, against the same baseline: steady state, and with
+    the engine's start-up spread over the questions (what a one-off evaluation pays)."""
+    from jobs.evaluate import vllm_scorer
+
+    if not vllm_scorer.available():
+        return {"skipped": "vllm does not import here"}
+    t0 = time.perf_counter()
+    scorer = vllm_scorer.VLLMScorer(model, max_model_len=2048, memory_fraction=0.1)
+    out: dict = {"startup_s": round(time.perf_counter() - t0, 1)}
+    for task, (items, train, k, todo, base, slow) in work.items():
+        t0 = time.perf_counter()
+        scores, preds = runs[task][1](scorer, items, train, k, args.prompt_version, args.limit)
+        seconds = time.perf_counter() - t0
+        out[task] = {
+            "questions_per_s": round(len(todo) / seconds, 1),
+            "speedup": round(len(todo) / seconds / slow, 2),
+            "speedup_with_startup": round(len(todo) / (seconds + out["startup_s"]) / slow, 2),
+            **compare(task, scores, preds, base, todo),
+        }
+    return out
 
 
 if __name__ == "__main__":

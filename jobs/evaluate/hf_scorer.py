@@ -8,9 +8,15 @@
   batched to a token budget; logits are taken only where a choice token is predicted.
 - The common token prefix of a batch (the task description, and the examples where they are
   shared) is run once and its key/value cache reused by every row of the batch.
-- Generation: greedy. Each prompt is prefilled alone (the causal attention kernel, no padding
-  to compute), the caches are left-padded into one batch, and all rows decode together, each
-  stopped at a token that holds a newline or at its own token cap.
+- Generation: greedy, over length-sorted batches. The batch's shared prefix is run once; every
+  row's own part then goes through ONE right-padded pass on that cache (causal, so no real token
+  sees the padding after it) and the first token is read at each row's last real position. All
+  rows decode together, the padding masked out and each row's positions continuing from its own
+  length; a row stops at a token that holds a newline or at its own token cap and leaves the
+  batch (its cache rows are dropped), so the others go on without it.
+- Batches are as large as `batch_tokens` allows: by default a key/value cache of 1 GiB (within
+  16,384..262,144 tokens), since for a small model the per-forward overhead, not the arithmetic,
+  is what one-question-at-a-time evaluation pays for.
 - The model is loaded in its saved dtype (`dtype="auto"`), unless told otherwise.
 """
 
@@ -30,6 +36,21 @@ def _dtype_kwargs(version: str, dtype: str) -> dict:
     value = "auto" if dtype == "auto" else getattr(torch, dtype)
     major, minor = (int(x) for x in version.split(".")[:2])
     return {"dtype": value} if (major, minor) >= (4, 56) else {"torch_dtype": value}
+
+
+KV_BUDGET_BYTES = 1 << 30  # the key/value cache one batch may hold by default
+
+
+def default_batch_tokens(config, itemsize: int) -> int:
+    """Tokens per batch whose key/value cache fits KV_BUDGET_BYTES, within [16,384, 262,144].
+
+    Fewer, larger batches pay the per-forward overhead less often: a small model takes whole
+    hundreds of questions per batch, a 13b-sized one stays at 16,384 tokens (13 GB of cache).
+    """
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * heads * head_dim * itemsize
+    return max(16384, min(262144, KV_BUDGET_BYTES // per_token))
 
 
 def newline_token_ids(tok) -> frozenset[int]:
@@ -76,7 +97,7 @@ class HFScorer:
         self.device = device
         self.dtype = str(self.model.dtype).removeprefix("torch.")
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
-        self.batch_tokens = batch_tokens or 16384  # tokens per batch: its key/value cache, or packed rows
+        self.batch_tokens = batch_tokens or default_batch_tokens(self.model.config, self.model.dtype.itemsize)
         self._newline_ids: frozenset[int] | None = None
         params = inspect.signature(self.model.base_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x

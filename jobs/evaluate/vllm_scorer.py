@@ -3,6 +3,7 @@
 - Choices: one request per (prompt, choice) with `prompt_logprobs=1` and `max_tokens=1`;
   the choice's log-likelihood is the sum of the prompt log-probs over its tokens. Prefix
   caching computes the prompt shared by the five choices (and the description) once.
+- The model runs in its saved dtype (config.json) unless told otherwise.
 - Generation: greedy (`temperature=0`), stopped at a token that holds a newline, capped per
   item, decoded from the token ids as the transformers scorer does. Like the community
   harness, the end-of-text token neither stops it nor is hidden from the answer.
@@ -10,10 +11,21 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from jobs.evaluate.hf_scorer import ChoiceRequest, GenRequest, newline_token_ids
+
+
+def saved_dtype(model_dir: Path) -> str:
+    """The dtype the checkpoint was saved in: vLLM's own "auto" would run a float32 model in 16 bits."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"
+    value = config.get("dtype") or config.get("torch_dtype")  # renamed in transformers 5.x
+    return value if value in ("float32", "bfloat16", "float16") else "auto"
 
 
 def available() -> bool:
@@ -37,6 +49,7 @@ class VLLMScorer:
         """`memory_fraction`: of the GPU (or, on vLLM's CPU backend, of host memory) to reserve."""
         from vllm import LLM
 
+        dtype = saved_dtype(model_dir) if dtype == "auto" else dtype
         kwargs: dict = {"max_model_len": max_model_len} if max_model_len else {}
         if memory_fraction:
             kwargs["gpu_memory_utilization"] = memory_fraction

@@ -9,7 +9,7 @@ import pytest
 
 from jobs.evaluate.files import load_jcommonsenseqa, load_jsquad
 from jobs.evaluate.harness import plan, template
-from jobs.evaluate.hf_scorer import batches, common_prefix
+from jobs.evaluate.hf_scorer import batches, common_prefix, default_batch_tokens
 from tests.serving_factory import make_model_dir
 
 DATA = Path(__file__).parent / "data" / "jglue"
@@ -83,3 +83,27 @@ def test_batches_sort_by_length_and_respect_the_budget():
     assert [i for b in out for i in b] == [1, 3, 2, 4, 0]
     assert all(lengths[b[0]] * len(b) <= 60 for b in out)
     assert common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+
+
+def test_default_batch_budget_follows_the_key_value_cache_size():
+    from transformers import LlamaConfig
+
+    tiny = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=176)
+    big = LlamaConfig(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, intermediate_size=13824)
+    assert default_batch_tokens(tiny, 4) == 262144  # 1 KiB of cache a token: hundreds of questions a batch
+    assert default_batch_tokens(big, 2) == 16384  # 800 KiB a token: the floor, 13 GB of cache
+    gqa = LlamaConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
+    assert default_batch_tokens(gqa, 2) == (1 << 30) // (2 * 8 * 2 * 64 * 2)
+
+
+def test_vllm_runs_the_saved_dtype(tmp_path):
+    import json
+
+    from jobs.evaluate.vllm_scorer import saved_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    assert saved_dtype(tmp_path) == "float32"
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    assert saved_dtype(tmp_path) == "bfloat16"
+    (tmp_path / "config.json").write_text("{}")
+    assert saved_dtype(tmp_path) == "auto"
