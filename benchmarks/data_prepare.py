@@ -144,7 +144,7 @@ def main() -> None:
         days = 2e12 / (per_worker * cpus) / 86400
         print(
             f"projected: 2T tokens on the reference cluster's {nodes} x {train[0].cpus_per_node} CPUs "
-            f"({cpus:,} workers at {per_worker:,.0f} tokens/s each) = {days * 24:.1f} h"
+            f"({cpus:,} workers at {per_worker:,.0f} tokens/s each) = {days * 24:.1f} h ({days * 1440:.1f} min)"
         )
 
 
