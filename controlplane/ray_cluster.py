@@ -210,7 +210,8 @@ def add_worker_node(cluster: ClusterSpec, num_cpus: int = 1, index: int | None =
     state = read_state(cluster)
     if state is None:
         raise ClusterNotRunning("the local cluster is not up: run `llmctl cluster up`")
-    index, resource = index or len(state.nodes), f"llmctl_node_{index or len(state.nodes)}"
+    index = index or len(state.nodes)
+    resource = f"llmctl_node_{index}"
     log = Path(state.nodes[0].log).with_name(f"worker-{index}.log")
     for tries_left in (1, 0):
         ports = {"agent": free_port(), "metrics": free_port()}
