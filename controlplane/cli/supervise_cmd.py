@@ -76,8 +76,7 @@ def supervise(
         if server is not None:
             server.shutdown()
         passes.clear()
-        sup.lock.release(remove=True)  # no pid is left behind once it has stopped
-        sup.close()
+        sup.close(remove_pid=True)
 
 
 @app.command("status")

@@ -92,8 +92,9 @@ class Supervisor:
         if exclusive:
             self.lock.acquire()
 
-    def close(self) -> None:
-        self.lock.release()
+    def close(self, remove_pid: bool = False) -> None:
+        """Let the lock go; `remove_pid`: a supervisor that stops leaves no pid file behind."""
+        self.lock.release(remove=remove_pid)
 
     # ------------------------------------------------------------------ passes
 
