@@ -93,6 +93,22 @@ def save(tmp_path, model, opt, sched, group, step=3, vocab=VOCAB):
     return sharded.finish_save(pending, group, tmp_path, {"loss": 4.0}, sidecar)
 
 
+def fresh_zero3():
+    """A new zero_stage 3 build with its optimizer and scheduler, to restore state into."""
+    fresh = build(ParallelismSpec(zero_stage=3))
+    fopt, fsched = st.build_optimizer(fresh, RunSpec.model_validate({"train": {"max_steps": 10}}), 10)
+    return fresh, fopt, fsched
+
+
+def assert_same_next_step(model, opt, fresh, fopt) -> None:
+    """One more step on the same batch leaves both models with the same parameters."""
+    x = batch(7)
+    for m, o in ((model, opt), (fresh, fopt)):
+        loss_of(m, x).backward()
+        o.step()
+    assert all(torch.equal(full(a), full(b)) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
+
+
 def test_sharded_checkpoint_restores_model_and_optimizer(group, tmp_path):
     model = build(ParallelismSpec(zero_stage=3))
     opt, sched = train(model, 3)
@@ -100,8 +116,7 @@ def test_sharded_checkpoint_restores_model_and_optimizer(group, tmp_path):
     assert ckpt.verify(info.path).step == 3
     assert {".metadata", "__0_0.distcp", "trainer_state.json", "scheduler.pt"} <= set(info.manifest["files"])
 
-    fresh = build(ParallelismSpec(zero_stage=3))
-    fopt, fsched = st.build_optimizer(fresh, RunSpec.model_validate({"train": {"max_steps": 10}}), 10)
+    fresh, fopt, fsched = fresh_zero3()
     counters = sharded.load(info.path, fresh, fopt, fsched)
     assert (counters.step, counters.cursor, counters.loss) == (3, 3, 4.0)
     assert fsched.last_epoch == sched.last_epoch
@@ -114,12 +129,7 @@ def test_sharded_checkpoint_restores_model_and_optimizer(group, tmp_path):
         assert full(mine["exp_avg"]).abs().sum() > 0  # a real moment, not a freshly zeroed one
         assert torch.equal(full(mine["exp_avg"]), full(theirs["exp_avg"]))
         assert torch.equal(full(mine["exp_avg_sq"]), full(theirs["exp_avg_sq"]))
-    # and training on from it takes the same step as the original
-    x = batch(7)
-    for m, o in ((model, opt), (fresh, fopt)):
-        loss_of(m, x).backward()
-        o.step()
-    assert all(torch.equal(full(a), full(b)) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
+    assert_same_next_step(model, opt, fresh, fopt)  # training on from it takes the original's step
 
 
 def test_local_shards_move_to_a_model_rebuilt_on_a_new_mesh_without_disk(group):
@@ -131,8 +141,7 @@ def test_local_shards_move_to_a_model_rebuilt_on_a_new_mesh_without_disk(group):
     counters = st.Counters(step=3, tokens=96, cursor=3, loss=4.0, loss_history=[5.0, 4.0])
     data = st.to_bytes(sharded.local_state(model, opt, sched, counters))
 
-    fresh = build(ParallelismSpec(zero_stage=3))
-    fopt, fsched = st.build_optimizer(fresh, RunSpec.model_validate({"train": {"max_steps": 10}}), 10)
+    fresh, fopt, fsched = fresh_zero3()
     got = sharded.restore_local(st.from_bytes(data), fresh, fopt, fsched)
     assert got == counters and fsched.last_epoch == sched.last_epoch
     assert fopt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
@@ -142,11 +151,7 @@ def test_local_shards_move_to_a_model_rebuilt_on_a_new_mesh_without_disk(group):
         mine, theirs = fopt.state[p], opt.state[by_name[name]]
         assert float(mine["step"]) == 3.0 and full(mine["exp_avg"]).abs().sum() > 0
         assert torch.equal(full(mine["exp_avg_sq"]), full(theirs["exp_avg_sq"]))
-    x = batch(7)
-    for m, o in ((model, opt), (fresh, fopt)):
-        loss_of(m, x).backward()
-        o.step()
-    assert all(torch.equal(full(a), full(b)) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
+    assert_same_next_step(model, opt, fresh, fopt)
 
 
 def test_a_failed_shard_write_commits_nothing(group, tmp_path):
