@@ -178,6 +178,11 @@ class RunDir:
             e for _, e in self.iter_events(self.recent_offset(max_bytes)) if types is None or e.get("type") in types
         ]
 
+    def metrics_start(self) -> dict[str, Any] | None:
+        """The newest recent `start` event that names the attempt's training metrics URL (rank 0's)."""
+        starts = [e for e in self.recent_events(types={"start"}) if e.get("metrics_url")]
+        return starts[-1] if starts else None
+
     def first_event(self, type_: str, max_bytes: int = 1 << 20) -> dict[str, Any] | None:
         """The first event of a type, looked for within the first `max_bytes` of events.jsonl."""
         for pos, e in self.iter_events():

@@ -143,10 +143,10 @@ def targets(
     ctx = Context.load(cluster)
     groups = []
     for run in ctx.ledger.live_runs():
-        starts = [e for e in RunDir(Path(run["run_dir"])).recent_events(types={"start"}) if e.get("metrics_url")]
-        if starts:
-            url = urlparse(starts[-1]["metrics_url"])
-            labels = {"run_id": run["run_id"], "attempt": str(starts[-1].get("attempt")), "__metrics_path__": url.path}
+        start = RunDir(Path(run["run_dir"])).metrics_start()
+        if start:
+            url = urlparse(start["metrics_url"])
+            labels = {"run_id": run["run_id"], "attempt": str(start.get("attempt")), "__metrics_path__": url.path}
             groups.append({"targets": [url.netloc], "labels": labels})
     text = json.dumps(groups, indent=2) + "\n"
     if out_file is None:

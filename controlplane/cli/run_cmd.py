@@ -172,9 +172,9 @@ def status(run_id: RunArg, cluster: ClusterOpt = None, json_: JsonOpt = False) -
     )
     last = f" (last at step {s['last_checkpoint_step']})" if s["last_checkpoint_step"] is not None else ""
     out.print(f"  checkpoints {s['checkpoints']}{last}  run dir {run['run_dir']}")
-    started = [e for e in run_dir.recent_events(types={"start"}) if e.get("metrics_url")]
+    started = run_dir.metrics_start()
     if started and not RunState(run["state"]).is_terminal:
-        out.print(f"  metrics {started[-1]['metrics_url']}  (all live runs: `llmctl dashboards targets`)")
+        out.print(f"  metrics {started['metrics_url']}  (all live runs: `llmctl dashboards targets`)")
     if s["events_window"]["from_byte"]:
         w = s["events_window"]
         out.print(
