@@ -44,6 +44,9 @@ SERVE_METRICS = (
     "llmctl_serve_time_to_first_token_seconds",
     "llmctl_serve_inter_token_latency_seconds",
     "llmctl_serve_kv_cache_usage_ratio",
+    "llmctl_serve_running_requests",
+    "llmctl_serve_waiting_requests",
+    "llmctl_serve_running_requests_peak",
     "llmctl_rollout_traffic_ratio",
 )
 

@@ -293,6 +293,16 @@ SERVING = DashboardDef(
             description="Share of each replica's KV cache in use; near 1 the engine queues or preempts requests.",
         ),
         PanelDef(
+            "Engine batch",
+            (
+                q('sum by (version) (llmctl_serve_running_requests{cluster=~"$cluster"})', "{{version}} running"),
+                q('sum by (version) (llmctl_serve_waiting_requests{cluster=~"$cluster"})', "{{version}} waiting"),
+            ),
+            unit="short",
+            description="Requests in the engines' running batches and queued for a slot; waiting above zero "
+            "for long means the replicas are full (raise serve.max_num_seqs or add replicas).",
+        ),
+        PanelDef(
             "Traffic split",
             (q('llmctl_rollout_traffic_ratio{cluster=~"$cluster"}', "{{rollout_id}} {{version}}"),),
             unit="percentunit",

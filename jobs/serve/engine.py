@@ -57,7 +57,8 @@ class Engine(Protocol):
     def stream(self, req: CompletionRequest) -> AsyncIterator[Delta]: ...
 
     def stats(self) -> dict[str, float]:
-        """kv_cache_usage (0..1), running and waiting requests, as the engine last reported."""
+        """kv_cache_usage (0..1), running and waiting requests, as the engine last reported, and
+        peak_running: the most requests one engine step has run since the engine started."""
         ...
 
     async def check_health(self) -> None:
@@ -151,8 +152,10 @@ def _stat_logger(holder: dict[str, float]):
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
             if scheduler_stats is not None:
                 holder["kv_cache_usage"] = float(scheduler_stats.kv_cache_usage)
-                holder["running"] = float(scheduler_stats.num_running_reqs)
+                running = float(scheduler_stats.num_running_reqs)
+                holder["running"] = running
                 holder["waiting"] = float(scheduler_stats.num_waiting_reqs)
+                holder["peak_running"] = max(holder.get("peak_running", 0.0), running)
 
         def log_engine_initialized(self) -> None:
             pass
@@ -193,7 +196,7 @@ class VllmEngine:
             # half the time.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.tok = AutoTokenizer.from_pretrained(str(model_dir))
-        self._stats: dict[str, float] = {"kv_cache_usage": 0.0, "running": 0.0, "waiting": 0.0}
+        self._stats: dict[str, float] = {"kv_cache_usage": 0.0, "running": 0.0, "waiting": 0.0, "peak_running": 0.0}
         if kv_cache_bytes is None and self.device == "cpu":
             kv_cache_bytes = CPU_KV_CACHE_BYTES
         args = AsyncEngineArgs(

@@ -69,12 +69,20 @@ class ServeMetrics:
             buckets=TOKEN_BUCKETS,
             registry=self.registry,
         )
-        self.kv_cache = Gauge(
-            "llmctl_serve_kv_cache_usage_ratio",
-            "Share of the engine's KV cache in use (0..1), as the replica last reported it.",
-            ["cluster", "version", "replica"],
-            registry=self.registry,
-        )
+        # The engine's own figures, as its replica last reported them with a request (Engine.stats).
+        self.engine = {
+            key: Gauge(name, doc, ["cluster", "version", "replica"], registry=self.registry)
+            for key, name, doc in (
+                ("kv_cache_usage", "llmctl_serve_kv_cache_usage_ratio", "Share of the engine's KV cache in use (0..1)."),
+                ("running", "llmctl_serve_running_requests", "Requests in the engine's running batch."),
+                ("waiting", "llmctl_serve_waiting_requests", "Requests queued in the engine for a batch slot."),
+                (
+                    "peak_running",
+                    "llmctl_serve_running_requests_peak",
+                    "Most requests one engine step has run since the replica started (continuous batching at work).",
+                ),
+            )
+        }
         self.traffic = Gauge(
             "llmctl_rollout_traffic_ratio",
             "Share of traffic routed to each version (0..1).",
@@ -83,7 +91,7 @@ class ServeMetrics:
         )
         self._samples: dict[str, deque[tuple[float, int, float]]] = {}
         self._lock = threading.Lock()
-        self._kv_labels: set[tuple[str, str]] = set()
+        self._engine_labels: set[tuple[str, str]] = set()
         self._server: Any = None
         self.port: int | None = None
 
@@ -123,16 +131,21 @@ class ServeMetrics:
         itl = self.itl.labels(cluster=self.cluster, version=version)
         for gap in meta.get("itl_s") or ():
             itl.observe(float(gap))
-        kv = (meta.get("engine") or {}).get("kv_cache_usage")
-        if kv is not None:
-            self.kv_cache.labels(cluster=self.cluster, version=version, replica=replica).set(float(kv))
-            self._kv_labels.add((version, replica))
+        figures = meta.get("engine") or {}
+        for key, gauge in self.engine.items():
+            if figures.get(key) is not None:
+                gauge.labels(cluster=self.cluster, version=version, replica=replica).set(float(figures[key]))
+                self._engine_labels.add((version, replica))
 
     def forget(self, version: str) -> None:
-        """Drop a removed version's KV-cache gauges (its replicas are gone)."""
-        for v, replica in [k for k in self._kv_labels if k[0] == version]:
-            self.kv_cache.remove(self.cluster, v, replica)
-            self._kv_labels.discard((v, replica))
+        """Drop a removed version's engine gauges (its replicas are gone)."""
+        for v, replica in [k for k in self._engine_labels if k[0] == version]:
+            for gauge in self.engine.values():
+                try:
+                    gauge.remove(self.cluster, v, replica)
+                except KeyError:  # an engine that does not report this figure
+                    pass
+            self._engine_labels.discard((v, replica))
 
     def set_traffic(self, rollout_id: str, ratios: dict[str, float], previous: dict[str, float]) -> None:
         for version in previous:

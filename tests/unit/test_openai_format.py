@@ -109,12 +109,19 @@ def test_metrics_window_and_names():
     assert 'llmctl_serve_tokens_total{cluster="eu-1",version="v1"} 200.0' in text
     assert 'llmctl_serve_request_duration_seconds_count{cluster="eu-1",version="v1"} 100.0' in text
     assert 'llmctl_rollout_traffic_ratio{cluster="eu-1",rollout_id="r1",version="v1"} 1.0' in text
-    m.observe_tokens("v1", {"ttft_s": 0.03, "itl_s": [0.004, 0.006], "engine": {"kv_cache_usage": 0.25}}, "r-a")
+    engine = {"kv_cache_usage": 0.25, "running": 3.0, "waiting": 0.0, "peak_running": 7.0}
+    m.observe_tokens("v1", {"ttft_s": 0.03, "itl_s": [0.004, 0.006], "engine": engine}, "r-a")
+    m.observe_tokens("v2", {"ttft_s": 0.03, "engine": {}}, "r-b")  # an engine without figures (transformers)
     text = generate_latest(m.registry).decode()
     assert 'llmctl_serve_time_to_first_token_seconds_count{cluster="eu-1",version="v1"} 1.0' in text
     assert 'llmctl_serve_inter_token_latency_seconds_count{cluster="eu-1",version="v1"} 2.0' in text
     assert 'llmctl_serve_inter_token_latency_seconds_bucket{cluster="eu-1",le="0.005",version="v1"} 1.0' in text
     assert 'llmctl_serve_kv_cache_usage_ratio{cluster="eu-1",replica="r-a",version="v1"} 0.25' in text
+    assert 'llmctl_serve_running_requests{cluster="eu-1",replica="r-a",version="v1"} 3.0' in text
+    assert 'llmctl_serve_running_requests_peak{cluster="eu-1",replica="r-a",version="v1"} 7.0' in text
+    assert 'version="v2"' not in text.split("llmctl_serve_kv_cache_usage_ratio gauge")[1]
     m.forget("v1")
-    assert "llmctl_serve_kv_cache_usage_ratio{" not in generate_latest(m.registry).decode()
+    m.forget("v2")
+    after = generate_latest(m.registry).decode()
+    assert "llmctl_serve_kv_cache_usage_ratio{" not in after and "llmctl_serve_running_requests_peak{" not in after
     assert percentile([], 99) is None and percentile([1.0], 99) == 1.0
