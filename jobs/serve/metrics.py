@@ -9,6 +9,7 @@ rollout analysis reads exact windows (count, errors, p99).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -73,7 +74,11 @@ class ServeMetrics:
         self.engine = {
             key: Gauge(name, doc, ["cluster", "version", "replica"], registry=self.registry)
             for key, name, doc in (
-                ("kv_cache_usage", "llmctl_serve_kv_cache_usage_ratio", "Share of the engine's KV cache in use (0..1)."),
+                (
+                    "kv_cache_usage",
+                    "llmctl_serve_kv_cache_usage_ratio",
+                    "Share of the engine's KV cache in use (0..1).",
+                ),
                 ("running", "llmctl_serve_running_requests", "Requests in the engine's running batch."),
                 ("waiting", "llmctl_serve_waiting_requests", "Requests queued in the engine for a batch slot."),
                 (
@@ -141,10 +146,8 @@ class ServeMetrics:
         """Drop a removed version's engine gauges (its replicas are gone)."""
         for v, replica in [k for k in self._engine_labels if k[0] == version]:
             for gauge in self.engine.values():
-                try:
+                with contextlib.suppress(KeyError):  # an engine that does not report this figure
                     gauge.remove(self.cluster, v, replica)
-                except KeyError:  # an engine that does not report this figure
-                    pass
             self._engine_labels.discard((v, replica))
 
     def set_traffic(self, rollout_id: str, ratios: dict[str, float], previous: dict[str, float]) -> None:
