@@ -67,6 +67,8 @@ def prepare(
     sources = sources or [data.DEFAULT_SOURCE]
     if engine not in ENGINES:
         raise UserError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers {workers}: expected at least 1")
     for name, value in (("--sample-mb", sample_mb), ("--unit-mb", unit_mb)):
         if value <= 0:
             raise UserError(f"{name} {value}: expected a positive number")

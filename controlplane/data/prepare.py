@@ -78,7 +78,7 @@ class PrepareOptions:
     engine: str = "local"  # local | ray
     verify: bool = False  # on a restart, re-hash every finished shard (else their sizes are checked)
     min_ray_units: int = 1  # fewer pending units than this run in this process (no parallelism to gain)
-    workers: int = 1
+    workers: int = 1  # processes (local) or Ray Data actors (ray; 0: one per CPU of the cluster)
     ray_address: str | None = None
     ray_env: dict[str, str] | None = field(default=None, repr=False)  # set only while connected (token auth)
     progress: Callable[[str, dict[str, Any]], None] | None = field(default=None, repr=False)
@@ -88,7 +88,7 @@ class PrepareOptions:
             raise UserError(f"--vocab-size {self.vocab_size}: expected 256..262144")
         if not 0 < self.heldout_fraction < 0.5:
             raise UserError(f"--heldout-fraction {self.heldout_fraction}: expected a value in (0, 0.5)")
-        if self.workers < 1:
+        if self.workers < (1 if self.engine == "local" else 0):  # on Ray, 0 is every CPU of the cluster
             raise UserError(f"--workers {self.workers}: expected at least 1")
         if self.unit_bytes < 1024:
             raise UserError(f"--unit-mb: expected at least 1 KiB per unit, got {self.unit_bytes} bytes")

@@ -45,7 +45,8 @@ def test_ray_engine_writes_the_local_engines_bytes(cluster_home, dataset_dir, tm
     src = tmp_path / "small"
     write_corpus(src, 1.5, seed=3, files=2)
     common = ["--tokenizer", str(dataset_dir / "tokenizer.json"), "--unit-mb", "0.25", "--json"]
-    ray_res = llmctl(["data", "prepare", str(src), "--out", str(tmp_path / "r"), "--workers", "2", *common])
+    # No --workers: on Ray the pool has one actor per CPU of the cluster.
+    ray_res = llmctl(["data", "prepare", str(src), "--out", str(tmp_path / "r"), *common])
     assert ray_res.exit_code == 0, ray_res.output
     assert json.loads(ray_res.stdout)["engine"] == "ray"  # auto: the cluster is up
     loc = runner.invoke(app, ["data", "prepare", str(src), "--out", str(tmp_path / "l"), "--engine", "local",

@@ -186,6 +186,21 @@ def test_random_bytes_are_refused_and_too_few_documents_say_what_was_found(tmp_p
     assert "1 file(s) of other kinds skipped" in out
 
 
+def test_workers_default_to_every_cpu_on_ray_and_zero_is_refused(tmp_path):
+    from controlplane.errors import UserError
+
+    data.PrepareOptions(engine="ray", workers=0).check()  # the CLI's default on Ray: one actor per CPU
+    for engine in ("local", "ray"):
+        with pytest.raises(UserError, match="--workers -1"):
+            data.PrepareOptions(engine=engine, workers=-1).check()
+    with pytest.raises(UserError, match="--workers 0"):
+        data.PrepareOptions(engine="local", workers=0).check()
+    src = _corpus(tmp_path / "src", n_docs=10, seed=1)
+    res = CliRunner().invoke(app, ["data", "prepare", str(src), "--out", str(tmp_path / "o"), "--workers", "0"])
+    assert res.exit_code == 2 and res.output.strip().splitlines() == ["error: --workers 0: expected at least 1"]
+    assert not (tmp_path / "o").exists()
+
+
 def test_prepare_killed_midway_resumes_and_redoes_a_torn_shard(tmp_path):
     src = _corpus(tmp_path / "src", n_docs=1200, seed=2)
     out = tmp_path / "ds"
