@@ -8,9 +8,10 @@
   batched to a token budget; logits are taken only where a choice token is predicted.
 - The common token prefix of a batch (the task description, and the examples where they are
   shared) is run once and its key/value cache reused by every row of the batch.
-- Generation: greedy, over length-sorted batches. The batch's shared prefix is run once; every
-  row's own part then goes through ONE right-padded pass on that cache (causal, so no real token
-  sees the padding after it) and the first token is read at each row's last real position. All
+- Generation: greedy, over length-sorted batches. A shared prefix of at least a quarter of the
+  prompt is run once; every row's own part then goes through ONE right-padded pass on that cache
+  (causal, so no real token sees the padding after it; with a shorter prefix, the whole rows in
+  one plain causal pass) and the first token is read at each row's last real position. All
   rows decode together, the padding masked out and each row's positions continuing from its own
   length; a row stops at a token that holds a newline or at its own token cap and leaves the
   batch (its cache rows are dropped), so the others go on without it.
@@ -39,6 +40,7 @@ def _dtype_kwargs(version: str, dtype: str) -> dict:
 
 
 KV_BUDGET_BYTES = 1 << 30  # the key/value cache one batch may hold by default
+PREFIX_WORTH = 4  # generation reuses a shared prefix's cache when it is >= 1/4 of the mean prompt
 
 
 def default_batch_tokens(config, itemsize: int) -> int:
@@ -230,6 +232,11 @@ class HFScorer:
         stops = self.newline_ids()
         prompts = [p for p, _ in reqs]
         shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)  # each row keeps >= 1 token
+        if shared * PREFIX_WORTH < sum(len(p) for p in prompts) / len(prompts):
+            # A short shared prefix (the description alone, examples drawn per question) saves
+            # less than it costs: on its cache the prefill needs an explicit mask, and attention
+            # with one is slower than the plain causal kernel over the whole row.
+            shared = 0
         cache = self._prefix_cache(prompts[0][:shared], len(reqs)) if shared > 0 else None
         own = [len(p) - shared for p in prompts]
         width = max(own)

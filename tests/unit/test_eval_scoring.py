@@ -9,7 +9,7 @@ import pytest
 
 from jobs.evaluate.files import load_jcommonsenseqa, load_jsquad
 from jobs.evaluate.harness import plan, template
-from jobs.evaluate.hf_scorer import batches, common_prefix, default_batch_tokens
+from jobs.evaluate.hf_scorer import PREFIX_WORTH, batches, common_prefix, default_batch_tokens
 from tests.serving_factory import make_model_dir
 
 DATA = Path(__file__).parent / "data" / "jglue"
@@ -59,6 +59,10 @@ def test_batched_generation_equals_one_at_a_time(scorer):
     reqs = [(scorer.encode(tpl.prompt(i, s)), 6) for i, s in plan(items, train, 2)]
     batched = scorer.generate(reqs)
     single = [scorer.generate([r])[0] for r in reqs]
+    # batched: a short shared prefix, so one plain causal prefill; alone: a row's own prompt is
+    # its whole "shared prefix", so the cached-prefix path. Both give the same answers.
+    mean = sum(len(p) for p, _ in reqs) / len(reqs)
+    assert common_prefix([p for p, _ in reqs]) * PREFIX_WORTH < mean
     assert batched == single
     assert all(text.count("\n") <= 1 and (text.endswith("\n") or "\n" not in text) for text in batched)
     one = scorer.generate([(ctx, 1) for ctx, _ in reqs])
