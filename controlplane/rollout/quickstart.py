@@ -6,10 +6,9 @@ a second engine on a 2-core laptop would only halve each one's cores.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from controlplane.errors import RetryableError, UserError
+from controlplane.errors import RetryableError
 from controlplane.procs import free_port
 from controlplane.rollout import store
 from controlplane.rollout.controller import RolloutController
@@ -31,24 +30,17 @@ def serve_and_sample(
 ) -> list[str]:
     """Export the run's newest verified checkpoint, evaluate it, serve it and return completions.
 
-    Uses the Ray cluster this process is connected to, or starts a local one for the
-    duration of the call. Serving is torn down before returning; `report` (if given) receives
-    the evaluation scores, the rollout id and the endpoint that was used.
+    Serves on the project's running cluster (the quickstart starts one; without it this is a
+    UserError). Serving is torn down before returning; `report` (if given) receives the
+    evaluation scores, the rollout id and the endpoint that was used.
     """
     import httpx
-    import ray
 
     from controlplane.rollout.ray_backend import RayServeBackend
 
+    backend = RayServeBackend(ctx.cluster)  # refuses at once when the cluster is down
     exported = resolve_model(ctx, run_id)
     evaluation = evaluate(ctx, str(exported.model_dir), exported.run_id, EvalRequest(limit=eval_limit))
-    started_ray = False
-    try:
-        backend = RayServeBackend(ctx.cluster)  # the project's running cluster, if any
-    except UserError:  # none: a private local Ray for the duration of the call
-        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level="ERROR")
-        started_ray = True
-        backend = RayServeBackend(ctx.cluster)
     spec = RolloutSpec(
         name=service,
         model=str(exported.model_dir),
@@ -83,8 +75,3 @@ def serve_and_sample(
     finally:
         backend.teardown(spec)
         store.delete_service(ctx.ledger, service)
-        if started_ray:
-            from ray import serve
-
-            serve.shutdown()
-            ray.shutdown()

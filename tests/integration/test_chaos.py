@@ -37,7 +37,7 @@ from controlplane.spec import ClusterSpec, RunSpec, StorageSpec
 from controlplane.supervisor import store
 from tests.integration.conftest import wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.training]
 REPO = Path(__file__).resolve().parents[2]
 STEPS, INTERVAL = 24, 8
 NAN_AT = INTERVAL + 5

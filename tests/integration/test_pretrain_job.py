@@ -26,7 +26,7 @@ from controlplane import ray_cluster
 from controlplane.rundir import RunDir
 from controlplane.spec import ClusterSpec, RunSpec, StorageSpec
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.training]
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 30
 

@@ -35,7 +35,7 @@ from tests.integration import test_pretrain_job as pj
 from tests.integration.conftest import wait_for
 from tests.integration.test_pretrain_job import by_type, make_run, run_job
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.training]
 ray_env, dataset = pj.ray_env, pj.dataset  # the same module-scoped fixtures
 STEPS = 50
 LOSS_TOL = 2e-3
