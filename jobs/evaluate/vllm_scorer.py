@@ -100,3 +100,9 @@ class VLLMScorer:
         return -sum(
             o.prompt_logprobs[i][t].logprob for w, o in zip(windows, outs, strict=True) for i, t in enumerate(w) if i
         )
+
+    def close(self) -> None:
+        """Stop vLLM's engine core and its workers now, not at interpreter exit."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()

@@ -250,7 +250,10 @@ class VllmEngine:
         await self.llm.check_health()
 
     def shutdown(self) -> None:
-        self.llm.shutdown()
+        """Stop the engine core and its workers (idempotent: the server calls it on every way out)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.shutdown()
 
 
 class TransformersEngine:

@@ -9,6 +9,7 @@ $LLMCTL_SERVE_TOKEN and never logged. The drill switch comes from $LLMCTL_DRILL,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -98,14 +99,24 @@ def build_app(engine, version: str, token: str | None, cluster: str = "local"):
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        try:
+            yield
+        finally:
+            # Here, not after uvicorn.run returns: on SIGTERM uvicorn shuts the app down and then
+            # raises the signal again, so this process dies before any code after run().
+            engine.shutdown()
+
     return Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/health", health),
             Route("/metrics", metrics_route),
             Route("/v1/models", models),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/chat/completions", completions, methods=["POST"]),
-        ]
+        ],
     )
 
 

@@ -11,6 +11,10 @@ submit it, breaks something for real, and then checks the same four things:
   and each attempt wrote one `start` event;
 - the ledger shows the cause (incidents, the `recovering` transition) and the recovery.
 
+Cases that break only their own run (a killed worker or driver, a hang, a corrupt checkpoint)
+run side by side, three at a time, from the module's start; those that break what every run
+shares (the supervisor, a node) run alone after them.
+
 A killed worker, a killed driver and a corrupt newest checkpoint also run with `zero_stage: 3`
 (FSDP2 full sharding: sharded checkpoints, in-place reload after a worker's death);
 `CHAOS_ZERO_STAGE=3` runs every case that way instead of with replicated workers.
@@ -24,6 +28,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pytest
@@ -46,7 +51,8 @@ SLOW = {"kind": "slow_worker", "at_step": 1, "rank": 0, "attempt": 1, "seconds":
 RUN_TIMEOUT_S = 240
 ZERO_STAGE = int(os.environ.get("CHAOS_ZERO_STAGE", "0"))
 # the representative cases also run fully sharded (sharded checkpoints, in-place reload, DCP shards)
-SHARDED_TOO = pytest.mark.parametrize("stage", sorted({ZERO_STAGE, 3}), ids=lambda s: f"zero{s}")
+SHARDED_STAGES = sorted({ZERO_STAGE, 3})
+SHARDED_TOO = pytest.mark.parametrize("stage", SHARDED_STAGES, ids=lambda s: f"zero{s}")
 
 
 class SupervisorProcess:
@@ -175,8 +181,7 @@ def kill(pid: int, sig: int = signal.SIGKILL) -> None:
 # --------------------------------------------------------------------------- cases
 
 
-@SHARDED_TOO
-def test_sigkill_a_training_worker(ctx, drills, stage):
+def case_sigkill_a_training_worker(ctx: Context, stage: int) -> None:
     rd = submit(ctx, f"chaos-kill-worker-z{stage}", stage=stage)
     start = first_start(rd)
     wait_for(lambda: step_reached(rd, 5), 120, "step 5")
@@ -191,7 +196,7 @@ def test_sigkill_a_training_worker(ctx, drills, stage):
     assert "driver.log" in logs and {f"worker-{w['pid']}.log" for w in start["workers"]} <= set(logs), sorted(logs)
 
 
-def test_sigkill_a_worker_while_a_checkpoint_is_written(ctx):
+def case_sigkill_a_worker_while_a_checkpoint_is_written(ctx: Context) -> None:
     rd = submit(ctx, "chaos-kill-in-ckpt")
     start = first_start(rd)
     rank0 = next(w["pid"] for w in start["workers"] if w["rank"] == 0)  # rank 0 writes checkpoints
@@ -210,8 +215,7 @@ def test_sigkill_a_worker_while_a_checkpoint_is_written(ctx):
     assert "worker_died" in r["kinds"] or ("crash" in r["kinds"] and len(r["attempts"]) == 2), r["kinds"]
 
 
-@SHARDED_TOO
-def test_kill_the_job_driver(ctx, stage):
+def case_kill_the_job_driver(ctx: Context, stage: int) -> None:
     rd = submit(ctx, f"chaos-kill-driver-z{stage}", stage=stage)
     start = first_start(rd)
     wait_for(lambda: step_reached(rd, INTERVAL + 4), 120, f"step {INTERVAL + 4}")
@@ -227,22 +231,7 @@ def test_kill_the_job_driver(ctx, stage):
     assert res.returncode == 0 and "==> driver" in res.stdout and "==> rank 0" in res.stdout, res.stdout[-2000:]
 
 
-def test_sigkill_the_supervisor_and_start_it_again(ctx, supervisor):
-    drill = {"kind": "exit_driver", "at_step": INTERVAL + 3, "attempt": 1}
-    rd = submit(ctx, "chaos-kill-supervisor", faults=[drill])
-    first_start(rd)
-    wait_for(lambda: step_reached(rd, 4), 120, "step 4")
-    supervisor.kill(signal.SIGKILL)  # the driver dies while no supervisor is watching
-    sid = ray_cluster.submission_id(rd.run_id, 1)
-    wait_for(lambda: ray_cluster.job_status(ctx.cluster, sid) == "FAILED", 120, "attempt 1 to fail")
-    assert len(ctx.ledger.attempts(rd.run_id)) == 1
-    supervisor.start()
-    r = recovered(ctx, rd)
-    assert len(r["attempts"]) == 2
-    assert any("driver" in c or "crash" in c for c in recovering_causes(r)), recovering_causes(r)
-
-
-def test_sigstop_a_worker_hang(ctx):
+def case_sigstop_a_worker_hang(ctx: Context) -> None:
     rd = submit(ctx, "chaos-hang", hang_timeout_min_s=40)
     start = first_start(rd)
     wait_for(lambda: step_reached(rd, 5), 120, "step 5")
@@ -255,8 +244,7 @@ def test_sigstop_a_worker_hang(ctx):
     assert "hang" in r["kinds"], r["kinds"]
 
 
-@SHARDED_TOO
-def test_corrupt_newest_checkpoint_is_skipped(ctx, stage):
+def case_corrupt_newest_checkpoint_is_skipped(ctx: Context, stage: int) -> None:
     rd = submit(ctx, f"chaos-corrupt-z{stage}", stage=stage)
     start = first_start(rd)
     wait_for(lambda: any(e["step"] >= 2 * INTERVAL for e in rd.events({"checkpoint"})), 180, "two checkpoints")
@@ -272,6 +260,88 @@ def test_corrupt_newest_checkpoint_is_skipped(ctx, stage):
     start2 = first_start(rd, 2)
     assert start2["resume_step"] < newest and any(s == newest for s, _ in start2["skipped_checkpoints"])
     assert "checkpoint_skipped" in r["kinds"]
+
+
+# Cases that break only their own run go side by side, SIDE_BY_SIDE at a time, from the module's
+# start (beside the drills): much of a case is waiting (a process starting, a detection timeout),
+# and the cluster has room for four runs. Each test then waits for its own case and reports it.
+# Cases that break what every run shares (the supervisor, a node) run alone, after them.
+SIDE_BY_SIDE = 3
+CASES = {
+    **{f"kill-worker-z{s}": (lambda ctx, s=s: case_sigkill_a_training_worker(ctx, s)) for s in SHARDED_STAGES},
+    "kill-in-checkpoint": lambda ctx: case_sigkill_a_worker_while_a_checkpoint_is_written(ctx),
+    **{f"kill-driver-z{s}": (lambda ctx, s=s: case_kill_the_job_driver(ctx, s)) for s in SHARDED_STAGES},
+    "hang": lambda ctx: case_sigstop_a_worker_hang(ctx),
+    **{f"corrupt-z{s}": (lambda ctx, s=s: case_corrupt_newest_checkpoint_is_skipped(ctx, s)) for s in SHARDED_STAGES},
+}
+CASE_TIMEOUT_S = 2 * RUN_TIMEOUT_S + 240  # its start, its fault and its recovery, waiting for a place
+
+
+@pytest.fixture(scope="module")
+def side_by_side(ray_home, dataset_dir, supervisor, drills):
+    old = os.environ.get("LLMCTL_HOME")
+    os.environ["LLMCTL_HOME"] = str(ray_home)  # for the `llmctl` processes the cases run
+    ctx = Context.load()
+    pool = ThreadPoolExecutor(SIDE_BY_SIDE, thread_name_prefix="chaos")
+    futures = {name: pool.submit(case, ctx) for name, case in CASES.items()}
+    try:
+        yield futures
+    finally:
+        for f in futures.values():
+            f.cancel()
+        pool.shutdown(wait=True)
+        if old is None:
+            os.environ.pop("LLMCTL_HOME", None)
+        else:
+            os.environ["LLMCTL_HOME"] = old
+
+
+@pytest.fixture
+def alone(side_by_side):
+    """Every side-by-side case has ended (whatever its outcome: its own test reports it)."""
+    wait(list(side_by_side.values()), timeout=CASE_TIMEOUT_S * len(CASES) / SIDE_BY_SIDE)
+
+
+def outcome(side_by_side: dict, name: str) -> None:
+    side_by_side[name].result(timeout=CASE_TIMEOUT_S * len(CASES) / SIDE_BY_SIDE)  # re-raises its failure
+
+
+@SHARDED_TOO
+def test_sigkill_a_training_worker(side_by_side, stage):
+    outcome(side_by_side, f"kill-worker-z{stage}")
+
+
+def test_sigkill_a_worker_while_a_checkpoint_is_written(side_by_side):
+    outcome(side_by_side, "kill-in-checkpoint")
+
+
+@SHARDED_TOO
+def test_kill_the_job_driver(side_by_side, stage):
+    outcome(side_by_side, f"kill-driver-z{stage}")
+
+
+def test_sigstop_a_worker_hang(side_by_side):
+    outcome(side_by_side, "hang")
+
+
+@SHARDED_TOO
+def test_corrupt_newest_checkpoint_is_skipped(side_by_side, stage):
+    outcome(side_by_side, f"corrupt-z{stage}")
+
+
+def test_sigkill_the_supervisor_and_start_it_again(ctx, supervisor, alone):
+    drill = {"kind": "exit_driver", "at_step": INTERVAL + 3, "attempt": 1}
+    rd = submit(ctx, "chaos-kill-supervisor", faults=[drill])
+    first_start(rd)
+    wait_for(lambda: step_reached(rd, 4), 120, "step 4")
+    supervisor.kill(signal.SIGKILL)  # the driver dies while no supervisor is watching
+    sid = ray_cluster.submission_id(rd.run_id, 1)
+    wait_for(lambda: ray_cluster.job_status(ctx.cluster, sid) == "FAILED", 120, "attempt 1 to fail")
+    assert len(ctx.ledger.attempts(rd.run_id)) == 1
+    supervisor.start()
+    r = recovered(ctx, rd)
+    assert len(r["attempts"]) == 2
+    assert any("driver" in c or "crash" in c for c in recovering_causes(r)), recovering_causes(r)
 
 
 def test_nan_loss_drill_rolls_back_and_skips_the_window(ctx, drills):
@@ -293,7 +363,7 @@ def test_checkpoint_enospc_drill(ctx, drills):
     assert "No space left" in (failed["detail"].get("error") or "")
 
 
-def test_kill_a_raylet_node(ctx):
+def test_kill_a_raylet_node(ctx, alone):
     """Both workers on the second node (the head's CPUs held by a placeholder job); kill that node.
     The placeholder stays until Ray's node table says the node is dead, so the run waits for room
     while Ray's own evidence comes in; the supervisor excludes the node naming it, whatever the

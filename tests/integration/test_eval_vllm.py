@@ -30,16 +30,19 @@ def test_vllm_scores_like_transformers(model_dir):
     hf = HFScorer(model_dir, "cpu")
     vl = vllm_scorer.VLLMScorer(model_dir, dtype="float32", max_model_len=2048, memory_fraction=0.1)
     assert vl.dtype == "float32" and vl.max_len == 2048
-    items, train = (
-        load_jcommonsenseqa(DATA / "jcommonsenseqa-valid.json"),
-        load_jcommonsenseqa(DATA / "jcommonsenseqa-train.json"),
-    )
-    tpl = template("jcommonsenseqa", "0.3")
-    reqs = [(hf.encode(tpl.prompt(i, s)), [hf.encode(c) for c in i.choices]) for i, s in plan(items, train, 3)]
-    for a, b in zip(vl.choice_logprobs(reqs), hf.choice_logprobs(reqs), strict=True):
-        assert a == pytest.approx(b, abs=1e-2 + 1e-3 * max(abs(x) for x in b))
-    qa, qa_train = load_jsquad(DATA / "jsquad-valid.json"), load_jsquad(DATA / "jsquad-train.json")
-    gen = [(hf.encode(template("jsquad", "0.2").prompt(i, s)), 5) for i, s in plan(qa, qa_train, 2)]
-    assert [t.split("\n")[0] for t in vl.generate(gen)] == [t.split("\n")[0] for t in hf.generate(gen)]
-    windows = [list(range(5, 60))]
-    assert vl.sum_nll(windows) == pytest.approx(hf.sum_nll(windows), rel=1e-3)
+    try:
+        items, train = (
+            load_jcommonsenseqa(DATA / "jcommonsenseqa-valid.json"),
+            load_jcommonsenseqa(DATA / "jcommonsenseqa-train.json"),
+        )
+        tpl = template("jcommonsenseqa", "0.3")
+        reqs = [(hf.encode(tpl.prompt(i, s)), [hf.encode(c) for c in i.choices]) for i, s in plan(items, train, 3)]
+        for a, b in zip(vl.choice_logprobs(reqs), hf.choice_logprobs(reqs), strict=True):
+            assert a == pytest.approx(b, abs=1e-2 + 1e-3 * max(abs(x) for x in b))
+        qa, qa_train = load_jsquad(DATA / "jsquad-valid.json"), load_jsquad(DATA / "jsquad-train.json")
+        gen = [(hf.encode(template("jsquad", "0.2").prompt(i, s)), 5) for i, s in plan(qa, qa_train, 2)]
+        assert [t.split("\n")[0] for t in vl.generate(gen)] == [t.split("\n")[0] for t in hf.generate(gen)]
+        windows = [list(range(5, 60))]
+        assert vl.sum_nll(windows) == pytest.approx(hf.sum_nll(windows), rel=1e-3)
+    finally:
+        vl.close()  # its engine core and worker processes go now, not when the suite ends

@@ -17,7 +17,7 @@ from controlplane.spec import RunSpec
 from controlplane.supervisor import store
 from tests.integration.conftest import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.training]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import psutil
 import pytest
 
 from controlplane.context import Context
@@ -123,9 +124,14 @@ def test_prometheus_windows_from_a_real_scrape(tmp_path):
             ]
             time.sleep(3.5)  # two more scrapes
             w = PrometheusMetrics(prom.url).window("svc", "pm-s10", since - 1.5)
+        engine_procs = psutil.Process(proc.pid).children(recursive=True)  # vLLM's engine core and worker
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+    # SIGTERM takes the engine's processes with the server: none is left orphaned
+    assert engine_procs
+    _, alive = psutil.wait_procs(engine_procs, timeout=30)
+    assert not alive, [p.pid for p in alive]
     errors = codes.count(500)
     assert 0 < errors < 30 and set(codes) <= {200, 500}
     # increase() extrapolates to the window's edges, and a loaded machine scrapes late: close, not

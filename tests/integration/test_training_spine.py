@@ -27,7 +27,7 @@ from controlplane.spec import RunSpec
 from controlplane.supervisor.loop import Supervisor
 from tests.integration.conftest import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.training]
+pytestmark = pytest.mark.integration
 runner = CliRunner()
 
 
