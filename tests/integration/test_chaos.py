@@ -226,9 +226,12 @@ def case_kill_the_job_driver(ctx: Context, stage: int) -> None:
     # kept after the job is gone, read from the run directory
     res = subprocess.run(
         [sys.executable, "-m", "controlplane", "run", "logs", rd.run_id, "--attempt", "1"],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "LLMCTL_HOME": str(ctx.storage), "PYTHONPATH": str(REPO)},
+        cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert res.returncode == 0 and "==> driver" in res.stdout and "==> rank 0" in res.stdout, res.stdout[-2000:]
+    assert res.returncode == 0 and "==> driver" in res.stdout and "==> rank 0" in res.stdout, (
+        res.stderr + res.stdout[-2000:]
+    )
 
 
 def case_sigstop_a_worker_hang(ctx: Context) -> None:
@@ -279,9 +282,7 @@ CASE_TIMEOUT_S = 2 * RUN_TIMEOUT_S + 240  # its start, its fault and its recover
 
 @pytest.fixture(scope="module")
 def side_by_side(ray_home, dataset_dir, supervisor, drills):
-    old = os.environ.get("LLMCTL_HOME")
-    os.environ["LLMCTL_HOME"] = str(ray_home)  # for the `llmctl` processes the cases run
-    ctx = Context.load()
+    ctx = Context(ClusterSpec(storage=StorageSpec(root=str(ray_home))))  # not $LLMCTL_HOME: each test sets its own
     pool = ThreadPoolExecutor(SIDE_BY_SIDE, thread_name_prefix="chaos")
     futures = {name: pool.submit(case, ctx) for name, case in CASES.items()}
     try:
@@ -290,10 +291,6 @@ def side_by_side(ray_home, dataset_dir, supervisor, drills):
         for f in futures.values():
             f.cancel()
         pool.shutdown(wait=True)
-        if old is None:
-            os.environ.pop("LLMCTL_HOME", None)
-        else:
-            os.environ["LLMCTL_HOME"] = old
 
 
 @pytest.fixture
