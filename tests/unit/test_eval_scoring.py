@@ -95,6 +95,7 @@ def test_default_batch_budget_follows_the_key_value_cache_size():
     tiny = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=176)
     big = LlamaConfig(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, intermediate_size=13824)
     assert default_batch_tokens(tiny, 4) == 262144  # 1 KiB of cache a token: hundreds of questions a batch
+    assert default_batch_tokens(tiny, 4, "cpu") == default_batch_tokens(big, 2, "cpu") == 16384
     assert default_batch_tokens(big, 2) == 16384  # 800 KiB a token: the floor, 13 GB of cache
     gqa = LlamaConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
     assert default_batch_tokens(gqa, 2) == (1 << 30) // (2 * 8 * 2 * 64 * 2)
