@@ -132,13 +132,15 @@ def targets(
     ] = None,
     cluster: ClusterOpt = None,
 ) -> None:
-    """The training metrics endpoints of every live run, from the run directories, as Prometheus
-    file_sd targets: point `file_sd_configs` at the file, no spec edited."""
+    """The training metrics endpoints of every live run (from the run directories) and this
+    cluster's running telemetry exporters, as Prometheus file_sd targets: point
+    `file_sd_configs` at the file, no spec edited."""
     import json
     from urllib.parse import urlparse
 
     from controlplane.context import Context
     from controlplane.rundir import RunDir, write_atomic
+    from controlplane.telemetry import endpoints
 
     ctx = Context.load(cluster)
     groups = []
@@ -148,6 +150,10 @@ def targets(
             url = urlparse(start["metrics_url"])
             labels = {"run_id": run["run_id"], "attempt": str(start.get("attempt")), "__metrics_path__": url.path}
             groups.append({"targets": [url.netloc], "labels": labels})
+    for exporter in endpoints.live(ctx.storage):
+        url = urlparse(exporter["url"])
+        labels = {"job": "llmctl-telemetry", "node": exporter["node"], "__metrics_path__": url.path}
+        groups.append({"targets": [url.netloc], "labels": labels})
     text = json.dumps(groups, indent=2) + "\n"
     if out_file is None:
         typer.echo(text, nl=False)

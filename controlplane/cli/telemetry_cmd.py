@@ -67,6 +67,7 @@ def serve(
     """Serve this node's llmctl_gpu_* metrics for Prometheus (one exporter per node)."""
     from controlplane.context import load_cluster
     from controlplane.rundir import write_atomic
+    from controlplane.telemetry import endpoints
     from controlplane.telemetry.assignments import default_node_name
     from controlplane.telemetry.exporter import TelemetryExporter
     from controlplane.telemetry.sampler import NvmlSampler
@@ -90,6 +91,7 @@ def serve(
     err.print(f"telemetry: serving http://{host}:{bound}/metrics (node {node}, every {interval:g} s)", markup=False)
     if port_file is not None:
         write_atomic(port_file, str(bound).encode())
+    record = endpoints.register(spec.storage_root(), node, f"http://{host}:{bound}/metrics")
     done = threading.Event()
     if source == "fake":
         threading.Thread(target=_animate, args=(nvml, fake_gpus, done), daemon=True).start()
@@ -103,6 +105,7 @@ def serve(
         done.set()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        record.unlink(missing_ok=True)
         server.shutdown()
         exporter.stop()
         err.print("telemetry: stopped", markup=False)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from controlplane.cli.main import app
@@ -53,3 +55,44 @@ def test_training_metrics_targets_come_from_the_run_directories(tmp_path):
     assert res.exit_code == 0 and json.loads(out.read_text()) == groups
     status = CliRunner().invoke(app, ["run", "status", "live-run"])
     assert "metrics http://127.0.0.1:43111/metrics" in status.output
+
+
+def test_running_telemetry_exporters_are_targets_and_a_killed_ones_record_goes(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def serve(node: str) -> tuple[subprocess.Popen, int]:
+        port_file = tmp_path / f"{node}.port"
+        cmd = [sys.executable, "-m", "controlplane", "telemetry", "serve", "--fake-gpus", "1", "--port", "0"]
+        proc = subprocess.Popen([*cmd, "--node", node, "--port-file", str(port_file)], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not port_file.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert port_file.exists(), f"exporter {node} did not start"
+        return proc, int(port_file.read_text())
+
+    def exporters() -> dict[str, dict]:
+        res = CliRunner().invoke(app, ["dashboards", "targets"])
+        assert res.exit_code == 0, res.output
+        return {g["labels"]["node"]: g for g in json.loads(res.output) if g["labels"].get("job") == "llmctl-telemetry"}
+
+    (a, port_a), (b, _) = serve("gpu-a"), serve("gpu-b")
+    try:
+        found = exporters()
+        assert set(found) == {"gpu-a", "gpu-b"}
+        assert found["gpu-a"]["targets"] == [f"127.0.0.1:{port_a}"]
+        assert found["gpu-a"]["labels"]["__metrics_path__"] == "/metrics"
+        b.send_signal(signal.SIGTERM)  # a clean stop takes its record with it
+        b.wait(timeout=30)
+        a.kill()  # a killed one leaves its record, which the next listing drops
+        a.wait(timeout=30)
+        assert exporters() == {}
+        assert not list((Path(os.environ["LLMCTL_HOME"]) / "telemetry" / "exporters").glob("*.json"))
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.kill()
