@@ -2,7 +2,7 @@
 
 Prints, for JCommonsenseQA and JSQuAD, questions/s of the evaluation job's transformers
 scorer (the engine `llmctl eval` uses without a GPU: batched across questions sorted by
-length, one packed pass for the five choices, shared-prefix cache, one right-padded prefill
+length, each prompt computed once for its five choices, shared-prefix cache, one right-padded prefill
 per batch, newline stop, stopped rows leaving the batch) over questions/s of a
 straightforward loop over the SAME model, dtype, threads, prompts, examples and stop rules
 (one forward of five padded rows per question; one `generate` per question at batch 1,

@@ -1,13 +1,16 @@
-"""Scoring with a transformers causal LM: batched across questions, one pass for all choices.
+"""Scoring with a transformers causal LM: batched across questions, each prompt computed once.
 
-- Choices: each question is ONE packed row, `prompt + choice0 + ... + choice4`, with a tree
-  attention mask (a choice sees the prompt and its own earlier tokens, never another choice)
-  and position ids that restart after the prompt for every choice. The log-likelihood of a
-  choice is the same as over its own `prompt + choice` row (the unit tests hold them equal),
-  but the prompt is computed once instead of five times. Rows are sorted by length and
-  batched to a token budget; logits are taken only where a choice token is predicted.
+- Choices: two passes a batch. The prompts first, right-padded, in one plain causal pass (no
+  mask, the fast kernel) that keeps their key/value cache; each prompt's last position
+  predicts its choices' first tokens. Then every choice token of every row in one small pass on
+  that cache, with a mask by which a choice token sees its prompt and its own choice's earlier
+  tokens (never padding or another choice), at positions that restart after the prompt. The
+  log-likelihood of a choice is the same as over its own `prompt + choice` row (the unit tests
+  hold them equal), but the prompt is computed once instead of five times. Rows are sorted by
+  length and batched to a token budget; logits are taken only where a choice token is predicted.
 - The common token prefix of a batch (the task description, and the examples where they are
-  shared) is run once and its key/value cache reused by every row of the batch.
+  shared) is run once and its key/value cache reused by every row of the batch, when it is at
+  least a quarter of the prompt (below that, the plain causal pass over whole rows is faster).
 - Generation: greedy, over length-sorted batches. A shared prefix of at least a quarter of the
   prompt is run once; every row's own part then goes through ONE right-padded pass on that cache
   (causal, so no real token sees the padding after it; with a shorter prefix, the whole rows in
@@ -138,55 +141,75 @@ class HFScorer:
         return out
 
     def _choice_batch(self, reqs: Sequence[ChoiceRequest]) -> list[list[float]]:
+        """The prompts in one plain causal pass, then every choice token in one small masked pass.
+
+        Pass 1 runs each row's prompt (right-padded, after the batch's shared prefix when that is
+        worth caching) with the causal kernel and no mask, keeping its key/value cache; the last
+        prompt position predicts each choice's first token. Pass 2 runs all five choices' tokens
+        of a row on that cache: a choice token sees the row's prompt and its own choice's earlier
+        tokens, never the padding or another choice, at positions that restart after the prompt.
+        Only pass 2 needs a mask, and it is (choice tokens) x (prompt + choice tokens) a row.
+        """
         torch = self.torch
-        shared = common_prefix([p for p, _ in reqs])
-        shared = min(shared, min(len(p) for p, _ in reqs) - 1)  # each row keeps >= 1 prompt token
-        cache = self._prefix_cache(reqs[0][0][:shared], len(reqs)) if shared > 0 else None
-        width = max(len(p) - shared + sum(len(c) for c in cs) for p, cs in reqs)
-        neg = torch.finfo(self.model.dtype).min
+        prompts = [p for p, _ in reqs]
+        shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)  # each row keeps >= 1 token
+        if shared * PREFIX_WORTH < sum(len(p) for p in prompts) / len(prompts):
+            shared = 0  # as in generation: a short prefix costs the prefill more than it saves
+        cache = self._prefix_cache(prompts[0][:shared], len(reqs)) if shared > 0 else None
+        own = [len(p) - shared for p in prompts]
+        width = max(own)
         ids = torch.zeros((len(reqs), width), dtype=torch.long)
-        pos = torch.zeros((len(reqs), width), dtype=torch.long)
-        allowed = torch.zeros((len(reqs), width, shared + width), dtype=torch.bool)
-        allowed[:, :, :shared] = True
-        rows, at, targets, owner = [], [], [], []
-        for b, (prompt, choices) in enumerate(reqs):
-            own = prompt[shared:]
-            n = len(own)
-            ids[b, :n] = torch.tensor(own)
-            pos[b, :n] = torch.arange(shared, shared + n)
-            allowed[b, :n, shared : shared + n] = torch.ones(n, n, dtype=torch.bool).tril()
-            off = n
+        for b, prompt in enumerate(prompts):
+            ids[b, : own[b]] = torch.tensor(prompt[shared:])
+        head = self.model.get_output_embeddings()
+        with torch.no_grad():
+            out = self.model.base_model(input_ids=ids.to(self.device), use_cache=True, **{self._cache_kw: cache})
+            cache = out[self._cache_kw]
+            last = out.last_hidden_state[torch.arange(len(reqs)), torch.tensor(own) - 1]
+            first_lp = torch.log_softmax(head(last).float(), dim=-1)
+        # pass 2: the choice tokens of every row
+        span = max(sum(len(c) for c in cs) for _, cs in reqs)
+        past = shared + width
+        neg = torch.finfo(self.model.dtype).min
+        cids = torch.zeros((len(reqs), span), dtype=torch.long)
+        pos = torch.zeros((len(reqs), span), dtype=torch.long)
+        allowed = torch.zeros((len(reqs), span, past + span), dtype=torch.bool)
+        rows, at, targets, owner = [], [], [], []  # pass-2 predictions: (row, column) -> target token
+        out_lp = [[0.0] * len(cs) for _, cs in reqs]
+        for b, (_, choices) in enumerate(reqs):
+            n = shared + own[b]
+            allowed[b, :, :n] = True
+            off = 0
             for j, cont in enumerate(choices):
                 m = len(cont)
-                ids[b, off : off + m] = torch.tensor(cont)
-                pos[b, off : off + m] = torch.arange(shared + n, shared + n + m)
-                allowed[b, off : off + m, shared : shared + n] = True
-                allowed[b, off : off + m, shared + off : shared + off + m] = torch.ones(m, m, dtype=torch.bool).tril()
-                predictors = [n - 1, *range(off, off + m - 1)]
-                rows += [b] * m
-                at += predictors
-                targets += cont
-                owner += [(b, j)] * m
+                cids[b, off : off + m] = torch.tensor(cont)
+                pos[b, off : off + m] = torch.arange(n, n + m)
+                allowed[b, off : off + m, past + off : past + off + m] = torch.ones(m, m, dtype=torch.bool).tril()
+                out_lp[b][j] += float(first_lp[b, cont[0]])
+                rows += [b] * (m - 1)
+                at += list(range(off, off + m - 1))
+                targets += cont[1:]
+                owner += [(b, j)] * (m - 1)
                 off += m
-            for t in range(off, width):  # padding attends to itself only
-                allowed[b, t, shared + t] = True
-        mask = torch.zeros(allowed.shape, dtype=self.model.dtype).masked_fill_(~allowed, neg)[:, None]
-        with torch.no_grad():
-            hidden = self.model.base_model(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=pos.to(self.device),
-                use_cache=cache is not None,
-                **{self._cache_kw: cache},
-            ).last_hidden_state
-            picked = hidden[torch.tensor(rows), torch.tensor(at)]
-            logits = self.model.get_output_embeddings()(picked).float()
-            lp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets, device=logits.device)[:, None])
-        lp = lp[:, 0].cpu().tolist()
-        out = [[0.0] * len(cs) for _, cs in reqs]
-        for (b, j), v in zip(owner, lp, strict=True):
-            out[b][j] += v
-        return out
+            for t in range(off, span):  # padding attends to itself only
+                allowed[b, t, :] = False
+                allowed[b, t, past + t] = True
+        if targets:  # some choice has a second token
+            mask = torch.zeros(allowed.shape, dtype=self.model.dtype).masked_fill_(~allowed, neg)[:, None]
+            with torch.no_grad():
+                hidden = self.model.base_model(
+                    input_ids=cids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=pos.to(self.device),
+                    use_cache=True,
+                    **{self._cache_kw: cache},
+                ).last_hidden_state
+                picked = hidden[torch.tensor(rows), torch.tensor(at)]
+                lp = torch.log_softmax(head(picked).float(), dim=-1)
+                lp = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].cpu().tolist()
+            for (b, j), v in zip(owner, lp, strict=True):
+                out_lp[b][j] += v
+        return out_lp
 
     def _prefix_cache(self, prefix: list[int], rows: int):
         """The key/value cache of `prefix`, computed once, repeated for `rows` rows."""

@@ -1,4 +1,4 @@
-"""The transformers scorer: packed choices, shared-prefix cache and batched generation give
+"""The transformers scorer: choices on one prompt pass, shared-prefix cache and batched generation give
 the answers of the straightforward computation (one row per choice, one question at a time)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.evaluate import hf_scorer
 from jobs.evaluate.files import load_jcommonsenseqa, load_jsquad
 from jobs.evaluate.harness import plan, template
 from jobs.evaluate.hf_scorer import PREFIX_WORTH, batches, common_prefix, default_batch_tokens
@@ -37,7 +38,7 @@ def test_model_loads_in_its_saved_dtype(scorer):
     assert scorer.dtype == "bfloat16"
 
 
-def test_packed_choices_equal_one_row_per_choice(scorer):
+def test_batched_choices_equal_one_row_per_choice(scorer, monkeypatch):
     items, train = (
         load_jcommonsenseqa(DATA / "jcommonsenseqa-valid.json"),
         load_jcommonsenseqa(DATA / "jcommonsenseqa-train.json"),
@@ -46,7 +47,11 @@ def test_packed_choices_equal_one_row_per_choice(scorer):
     reqs = [(scorer.encode(tpl.prompt(i, s)), [scorer.encode(c) for c in i.choices]) for i, s in plan(items, train, 3)]
     got = scorer.choice_logprobs(reqs)
     assert len(batches([len(p) for p, _ in reqs], scorer.batch_tokens)) > 1  # several batches, several rows each
-    assert common_prefix([p for p, _ in reqs]) > 10  # the description is shared and cached
+    assert common_prefix([p for p, _ in reqs]) > 10  # the description is shared...
+    monkeypatch.setattr(hf_scorer, "PREFIX_WORTH", 10**9)  # ...and, forced, cached: the same scores
+    for cached, plain in zip(scorer.choice_logprobs(reqs), got, strict=True):  # bf16: close, not equal
+        assert cached == pytest.approx(plain, abs=0.05 + 0.01 * max(abs(v) for v in plain))
+    monkeypatch.undo()
     for (ctx, conts), scores in zip(reqs, got, strict=True):
         ref = [reference_logprobs(scorer, ctx, c) for c in conts]
         assert scores == pytest.approx(ref, abs=0.05 + 0.01 * max(abs(r) for r in ref))
