@@ -43,7 +43,7 @@ def _dtype_kwargs(version: str, dtype: str) -> dict:
 
 
 KV_BUDGET_BYTES = 1 << 30  # the key/value cache one batch may hold by default
-PREFIX_WORTH = 4  # generation reuses a shared prefix's cache when it is >= 1/4 of the mean prompt
+PREFIX_WORTH = 4  # a batch's shared prefix is cached when it is >= 1/4 of its mean prompt
 
 
 CPU_BATCH_TOKENS = 16384  # on a CPU: the batch budget whatever the model (see default_batch_tokens)
@@ -151,25 +151,13 @@ class HFScorer:
         Only pass 2 needs a mask, and it is (choice tokens) x (prompt + choice tokens) a row.
         """
         torch = self.torch
-        prompts = [p for p, _ in reqs]
-        shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)  # each row keeps >= 1 token
-        if shared * PREFIX_WORTH < sum(len(p) for p in prompts) / len(prompts):
-            shared = 0  # as in generation: a short prefix costs the prefill more than it saves
-        cache = self._prefix_cache(prompts[0][:shared], len(reqs)) if shared > 0 else None
-        own = [len(p) - shared for p in prompts]
-        width = max(own)
-        ids = torch.zeros((len(reqs), width), dtype=torch.long)
-        for b, prompt in enumerate(prompts):
-            ids[b, : own[b]] = torch.tensor(prompt[shared:])
+        shared, own, cache, last = self._prefill([p for p, _ in reqs])
         head = self.model.get_output_embeddings()
         with torch.no_grad():
-            out = self.model.base_model(input_ids=ids.to(self.device), use_cache=True, **{self._cache_kw: cache})
-            cache = out[self._cache_kw]
-            last = out.last_hidden_state[torch.arange(len(reqs)), torch.tensor(own) - 1]
             first_lp = torch.log_softmax(head(last).float(), dim=-1)
         # pass 2: the choice tokens of every row
         span = max(sum(len(c) for c in cs) for _, cs in reqs)
-        past = shared + width
+        past = shared + max(own)
         neg = torch.finfo(self.model.dtype).min
         cids = torch.zeros((len(reqs), span), dtype=torch.long)
         pos = torch.zeros((len(reqs), span), dtype=torch.long)
@@ -178,7 +166,6 @@ class HFScorer:
         out_lp = [[0.0] * len(cs) for _, cs in reqs]
         for b, (_, choices) in enumerate(reqs):
             n = shared + own[b]
-            allowed[b, :, :n] = True
             off = 0
             for j, cont in enumerate(choices):
                 m = len(cont)
@@ -191,8 +178,8 @@ class HFScorer:
                 targets += cont[1:]
                 owner += [(b, j)] * (m - 1)
                 off += m
+            allowed[b, :off, :n] = True  # every choice token sees the row's prompt
             for t in range(off, span):  # padding attends to itself only
-                allowed[b, t, :] = False
                 allowed[b, t, past + t] = True
         if targets:  # some choice has a second token
             mask = torch.zeros(allowed.shape, dtype=self.model.dtype).masked_fill_(~allowed, neg)[:, None]
@@ -219,6 +206,30 @@ class HFScorer:
         cache = out[self._cache_kw]  # the output field is renamed with the argument
         cache.batch_repeat_interleave(rows)
         return cache
+
+    def _prefill(self, prompts: Sequence[list[int]]):
+        """Every prompt in one right-padded causal pass (no mask: a real token never sees the
+        padding after it), on the cache of the batch's shared prefix when that is worth it.
+
+        Returns (shared, own, cache, last): the shared prefix's length, each row's own length
+        after it, the key/value cache of the whole batch and each row's last hidden state.
+        """
+        torch = self.torch
+        shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)  # each row keeps >= 1 token
+        if shared * PREFIX_WORTH < sum(len(p) for p in prompts) / len(prompts):
+            # A short shared prefix (the description alone, examples drawn per question) saves
+            # less than it costs: on its cache the prefill needs an explicit mask, and attention
+            # with one is slower than the plain causal kernel over the whole row.
+            shared = 0
+        cache = self._prefix_cache(prompts[0][:shared], len(prompts)) if shared > 0 else None
+        own = [len(p) - shared for p in prompts]
+        ids = torch.zeros((len(prompts), max(own)), dtype=torch.long)
+        for b, prompt in enumerate(prompts):
+            ids[b, : own[b]] = torch.tensor(prompt[shared:])
+        with torch.no_grad():
+            out = self.model.base_model(input_ids=ids.to(self.device), use_cache=True, **{self._cache_kw: cache})
+        last = out.last_hidden_state[torch.arange(len(prompts)), torch.tensor(own) - 1]
+        return shared, own, out[self._cache_kw], last
 
     # ------------------------------------------------------------ held-out loss
 
@@ -265,24 +276,11 @@ class HFScorer:
         torch = self.torch
         stops = self.newline_ids()
         prompts = [p for p, _ in reqs]
-        shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)  # each row keeps >= 1 token
-        if shared * PREFIX_WORTH < sum(len(p) for p in prompts) / len(prompts):
-            # A short shared prefix (the description alone, examples drawn per question) saves
-            # less than it costs: on its cache the prefill needs an explicit mask, and attention
-            # with one is slower than the plain causal kernel over the whole row.
-            shared = 0
-        cache = self._prefix_cache(prompts[0][:shared], len(reqs)) if shared > 0 else None
-        own = [len(p) - shared for p in prompts]
-        width = max(own)
-        ids = torch.zeros((len(reqs), width), dtype=torch.long)
-        mask = torch.zeros((len(reqs), shared + width), dtype=torch.long)
+        shared, own, cache, last = self._prefill(prompts)
+        mask = torch.zeros((len(reqs), shared + max(own)), dtype=torch.long)
         mask[:, :shared] = 1
-        for b, prompt in enumerate(prompts):
-            ids[b, : own[b]] = torch.tensor(prompt[shared:])
+        for b in range(len(reqs)):
             mask[b, shared : shared + own[b]] = 1
-        out = self.model.base_model(input_ids=ids.to(self.device), use_cache=True, **{self._cache_kw: cache})
-        cache = out[self._cache_kw]
-        last = out.last_hidden_state[torch.arange(len(reqs)), torch.tensor(own) - 1]
         first = self.model.get_output_embeddings()(last).argmax(-1).tolist()
         tokens = [[t] for t in first]
         alive = [b for b, (t, (_, cap)) in enumerate(zip(first, reqs, strict=True)) if t not in stops and cap > 1]
