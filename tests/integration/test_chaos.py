@@ -29,6 +29,7 @@ import subprocess
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -96,10 +97,17 @@ def ctx(cluster_home, dataset_dir, supervisor):
 
 
 @pytest.fixture(scope="module")
-def drills(ray_home, dataset_dir, supervisor):
+def module_ctx(ray_home):
+    """The session cluster's context for the module's own threads and fixtures (not
+    $LLMCTL_HOME: each test sets its own)."""
+    return Context(ClusterSpec(storage=StorageSpec(root=str(ray_home))))
+
+
+@pytest.fixture(scope="module")
+def drills(module_ctx, dataset_dir, supervisor):
     """Runs whose faults are drills need no hand from the test: they start with the module and
     run beside the first cases (the cluster has room for three runs), to keep the suite short."""
-    ctx = Context(ClusterSpec(storage=StorageSpec(root=str(ray_home))))
+    ctx = module_ctx
     nan = {"kind": "nan_loss", "at_step": NAN_AT, "rank": 0, "attempt": 1}
     enospc = {"kind": "checkpoint_enospc", "at_step": INTERVAL, "attempt": 1}
     return {"nan": submit(ctx, "chaos-nan", faults=[nan]), "enospc": submit(ctx, "chaos-enospc", faults=[enospc])}
@@ -271,18 +279,19 @@ def case_corrupt_newest_checkpoint_is_skipped(ctx: Context, stage: int) -> None:
 # Cases that break what every run shares (the supervisor, a node) run alone, after them.
 SIDE_BY_SIDE = 3
 CASES = {
-    **{f"kill-worker-z{s}": (lambda ctx, s=s: case_sigkill_a_training_worker(ctx, s)) for s in SHARDED_STAGES},
-    "kill-in-checkpoint": lambda ctx: case_sigkill_a_worker_while_a_checkpoint_is_written(ctx),
-    **{f"kill-driver-z{s}": (lambda ctx, s=s: case_kill_the_job_driver(ctx, s)) for s in SHARDED_STAGES},
-    "hang": lambda ctx: case_sigstop_a_worker_hang(ctx),
-    **{f"corrupt-z{s}": (lambda ctx, s=s: case_corrupt_newest_checkpoint_is_skipped(ctx, s)) for s in SHARDED_STAGES},
+    **{f"kill-worker-z{s}": partial(case_sigkill_a_training_worker, stage=s) for s in SHARDED_STAGES},
+    "kill-in-checkpoint": case_sigkill_a_worker_while_a_checkpoint_is_written,
+    **{f"kill-driver-z{s}": partial(case_kill_the_job_driver, stage=s) for s in SHARDED_STAGES},
+    "hang": case_sigstop_a_worker_hang,
+    **{f"corrupt-z{s}": partial(case_corrupt_newest_checkpoint_is_skipped, stage=s) for s in SHARDED_STAGES},
 }
 CASE_TIMEOUT_S = 2 * RUN_TIMEOUT_S + 240  # its start, its fault and its recovery, waiting for a place
+ALL_CASES_TIMEOUT_S = CASE_TIMEOUT_S * len(CASES) / SIDE_BY_SIDE
 
 
 @pytest.fixture(scope="module")
-def side_by_side(ray_home, dataset_dir, supervisor, drills):
-    ctx = Context(ClusterSpec(storage=StorageSpec(root=str(ray_home))))  # not $LLMCTL_HOME: each test sets its own
+def side_by_side(module_ctx, dataset_dir, supervisor, drills):
+    ctx = module_ctx
     pool = ThreadPoolExecutor(SIDE_BY_SIDE, thread_name_prefix="chaos")
     futures = {name: pool.submit(case, ctx) for name, case in CASES.items()}
     try:
@@ -296,11 +305,11 @@ def side_by_side(ray_home, dataset_dir, supervisor, drills):
 @pytest.fixture
 def alone(side_by_side):
     """Every side-by-side case has ended (whatever its outcome: its own test reports it)."""
-    wait(list(side_by_side.values()), timeout=CASE_TIMEOUT_S * len(CASES) / SIDE_BY_SIDE)
+    wait(list(side_by_side.values()), timeout=ALL_CASES_TIMEOUT_S)
 
 
 def outcome(side_by_side: dict, name: str) -> None:
-    side_by_side[name].result(timeout=CASE_TIMEOUT_S * len(CASES) / SIDE_BY_SIDE)  # re-raises its failure
+    side_by_side[name].result(timeout=ALL_CASES_TIMEOUT_S)  # re-raises its failure
 
 
 @SHARDED_TOO
