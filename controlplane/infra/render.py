@@ -25,6 +25,7 @@ from typing import Any
 
 import pulumi
 import yaml
+from pulumi.runtime.mocks import MockMonitor
 
 from controlplane.infra.settings import InfraSecrets, InfraSettings
 from controlplane.spec import ClusterSpec
@@ -103,6 +104,28 @@ def placeholder_secrets() -> InfraSecrets:
     )
 
 
+class _PlainMonitor(MockMonitor):
+    """The SDK's mock monitor, less resource references: a resource given as an input is sent as its URN or id.
+
+    With references on, the mock monitor rebuilds each referenced resource while it decodes a registration, on the
+    executor thread that serves that RPC; the rebuild queues a lookup on that thread's own event loop, which the
+    program's loop then waits for, and, depending on timing, the program fails with "attached to a different loop"
+    or waits forever (an EKS node group's `cluster` input did this about one render in four).
+    """
+
+    def GetDeploymentInfo(self, request):
+        from pulumi.runtime.proto import resource_pb2
+
+        info = super().GetDeploymentInfo(request)
+        kept = [f for f in info.supportedFeatures if f != resource_pb2.RESOURCE_MONITOR_FEATURE_RESOURCE_REFERENCES]
+        return resource_pb2.DeploymentInfo(supportedFeatures=kept)
+
+    def SupportsFeature(self, request):
+        if request.id == "resourceReferences":
+            return type("SupportsFeatureResponse", (object,), {"hasSupport": False})
+        return super().SupportsFeature(request)
+
+
 def run_under_mocks(fn, mocks: pulumi.runtime.Mocks, then=None, stack: str = "render") -> Any:
     """Run `fn` (which declares resources) to completion under `mocks`, isolated in a fresh context.
 
@@ -115,7 +138,7 @@ def run_under_mocks(fn, mocks: pulumi.runtime.Mocks, then=None, stack: str = "re
     result: dict[str, Any] = {}
 
     def inner() -> None:
-        pulumi.runtime.set_mocks(mocks, project="llmctl", stack=stack, preview=False)
+        pulumi.runtime.set_mocks(mocks, project="llmctl", stack=stack, preview=False, monitor=_PlainMonitor(mocks))
 
         def body() -> Any:
             result["value"] = fn()
@@ -229,7 +252,7 @@ def write_render(recording: RecordingMocks, out_dir: Path) -> list[Path]:
 
 
 def _plain(value: Any) -> Any:
-    """Inputs as YAML-safe data (resource references become their URNs)."""
+    """Inputs as YAML-safe data (resource references already arrive as URNs or ids: see _PlainMonitor)."""
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
