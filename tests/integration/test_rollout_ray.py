@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -303,6 +304,38 @@ def test_faulty_candidate_rolls_back_while_stable_serves(cluster, step, drill, w
     assert all(r.version in (stable, cand) for r in traffic.results)
     after = [r for r in traffic.results if r.start > t_end]
     assert after and all(r.code == 200 and r.version == stable for r in after)
+    runbooks_on_an_ended_rollout(row["rollout_id"], store.ROLLED_BACK)
+
+
+def runbooks_on_an_ended_rollout(rollout_id: str, state: str) -> None:
+    """Every rollout runbook's commands, in their order, through the real CLI, on a rollout that has
+    ended: the reads say what happened, and `promote`/`abort` are refused in one line, exit 2
+    (a request to a controller that is gone would never be acted on)."""
+    from typer.testing import CliRunner
+
+    from controlplane.cli.main import app
+    from controlplane.observability import runbooks as rb
+
+    names = [n for n in rb.runbook_names() if "ROLLOUT_ID" in rb.read_runbook(n)]
+    assert len(names) >= 3, names
+    ran = set()
+    for name in names:
+        text = rb.read_runbook(name)
+        for command in sorted(dict.fromkeys(rb.llmctl_commands(text)), key=text.find):
+            argv = shlex.split(command.replace("ROLLOUT_ID", rollout_id))[1:]
+            res = CliRunner().invoke(app, argv)
+            said, where = res.stdout + res.stderr, f"{name}: `{command}`"
+            ran.add(" ".join(argv[:2]))
+            if argv[:2] in (["rollout", "promote"], ["rollout", "abort"]):
+                assert res.exit_code == 2, f"{where}: exit {res.exit_code}: {said}"
+                assert f"already ended ({state})" in said and len(said.strip().splitlines()) == 1, f"{where}: {said}"
+                continue
+            assert res.exit_code == 0, f"{where}: exit {res.exit_code}: {said[-1500:]}"
+            if argv[:2] in (["rollout", "status"], ["rollout", "history"]):
+                assert rollout_id in said and state in said, f"{where}: {said}"
+            else:
+                assert said.strip(), f"{where} said nothing"
+    assert {"rollout status", "rollout history", "rollout promote", "rollout abort", "node list"} <= ran, ran
 
 
 def test_healthy_rollout_under_traffic_loses_no_request(cluster):
