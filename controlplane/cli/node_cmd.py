@@ -67,32 +67,57 @@ def list_cmd(cluster: ClusterOpt = None, json_: JsonOpt = False) -> None:
     out.print(table)
 
 
-def _live_nodes(ctx: Context) -> tuple[dict[str, dict], bool]:
-    """({Ray node id: node} of the cluster's alive nodes, whether the cluster answered). Asks the
-    dashboard over HTTP (no Ray import); a cluster that is down is no error."""
+def _node_table(ctx: Context) -> tuple[list[dict], bool]:
+    """(the cluster's node table, dead nodes too; whether the cluster answered). Asks the dashboard
+    over HTTP (no Ray import); a cluster that is down is no error."""
     from controlplane import ray_cluster
 
     info = ray_cluster.status(ctx.cluster)
-    nodes = {n["node_id"]: n for n in info.get("nodes") or [] if n.get("state") == "ALIVE"}
-    return nodes, bool(info.get("up"))
+    return info.get("nodes") or [], bool(info.get("up"))
+
+
+def _cluster_nodes(ctx: Context) -> tuple[set[str], bool]:
+    """(every node id and address the cluster's node table holds, whether it answered)."""
+    nodes, reached = _node_table(ctx)
+    return {n["node_id"] for n in nodes} | {n["ip"] for n in nodes if n.get("ip")}, reached
+
+
+def _live_nodes(ctx: Context) -> tuple[dict[str, dict], bool]:
+    """({Ray node id: node} of the cluster's alive nodes, whether the cluster answered)."""
+    nodes, reached = _node_table(ctx)
+    return {n["node_id"]: n for n in nodes if n.get("state") == "ALIVE"}, reached
 
 
 @app.command()
 def exclude(
     node: NodeArg,
     reason: Annotated[str, typer.Option("--reason", "-r", help="Why (recorded in the ledger).")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Exclude a name no node has had yet (one that is not up).")
+    ] = False,
     cluster: ClusterOpt = None,
 ) -> None:
     """Keep a node out of every new attempt."""
     from controlplane.supervisor import store
+    from controlplane.supervisor.nodes import read_health
 
     if not node.strip() or not reason.strip():
         raise ConfigurationError("node and --reason must not be empty")
     ctx = Context.load(cluster)
+    records = {r["node"]: r for r in store.node_records(ctx.ledger)}
+    if not force and node not in records and node not in read_health(ctx.storage):
+        # a typo would otherwise exclude nothing and say it had: the name must be one a node has had
+        seen, reached = _cluster_nodes(ctx)
+        if node not in seen:
+            where = "in its node table" if reached else "(it did not answer, so only the ledger was asked)"
+            raise ConfigurationError(
+                f"node {node}: no node of cluster {ctx.cluster.name} has had this name {where};"
+                " see `llmctl node list`, or give --force"
+            )
     if store.exclude_node(ctx.ledger, node, f"operator: {reason}"):
         out.print(f"node {node} excluded")
     else:
-        err.print(f"node {node} was already excluded")
+        err.print(f"node {node} was already excluded ({store.node_record(ctx.ledger, node)['reason']})")
 
 
 @app.command()

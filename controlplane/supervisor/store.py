@@ -177,5 +177,10 @@ def node_records(ledger: Ledger) -> list[dict[str, Any]]:
     return ledger.query("SELECT * FROM node_exclusions ORDER BY excluded_at")
 
 
+def node_record(ledger: Ledger, node: str) -> dict[str, Any] | None:
+    rows = ledger.query("SELECT * FROM node_exclusions WHERE node = ?", (node,))
+    return rows[0] if rows else None
+
+
 def excluded_nodes(ledger: Ledger) -> set[str]:
     return {r["node"] for r in ledger.query("SELECT node FROM node_exclusions WHERE excluded = 1")}

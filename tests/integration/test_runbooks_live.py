@@ -77,6 +77,8 @@ def test_training_hang_runbook_runs_against_a_live_run(cluster_home, dataset_dir
         # the head: an extra raylet may die under the load of the other test stream while this
         # runs (Ray then excludes it with its own reason, and the runbook's exclusion finds it done)
         node = next(n["node"] for n in alive if n["head"])
+        typo = llmctl("node", "exclude", node[:-1], "--reason", "hang")  # a name the live node table lacks
+        assert typo.returncode == 2 and "in its node table" in typo.stderr, typo.stdout + typo.stderr
 
         commands = in_document_order(rb.read_runbook("TrainingHang"))
         assert any(c.startswith("llmctl supervise status") for c in commands)

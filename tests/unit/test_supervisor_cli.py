@@ -76,9 +76,14 @@ def test_node_exclude_list_readmit():
     (health / "gpu-7.json").write_text(json.dumps(bad))
     (health / "gpu-8.json").write_text(json.dumps({"node": "gpu-8", "healthy": True, "reasons": []}))
     (health / "junk.json").write_text("{not json")
-    assert runner.invoke(app, ["node", "exclude", "gpu-3", "--reason", "fan noise"]).exit_code == 0
-    again = runner.invoke(app, ["node", "exclude", "gpu-3", "--reason", "x"])
-    assert again.exit_code == 0 and "already" in again.output
+    typo = runner.invoke(app, ["node", "exclude", "gpu-3", "--reason", "fan noise"])  # no node has had the name
+    assert typo.exit_code == 2 and "no node of cluster" in typo.output and "--force" in typo.output
+    assert len(typo.output.strip().splitlines()) == 1 and store.node_records(ctx.ledger) == []
+    assert runner.invoke(app, ["node", "exclude", "gpu-3", "--reason", "fan noise", "--force"]).exit_code == 0
+    again = runner.invoke(app, ["node", "exclude", "gpu-3", "--reason", "x"])  # known now: no --force needed
+    assert again.exit_code == 0 and "already excluded (operator: fan noise)" in again.output
+    assert runner.invoke(app, ["node", "exclude", "gpu-7", "--reason", "ecc"]).exit_code == 0  # a health report
+    assert runner.invoke(app, ["node", "readmit", "gpu-7"]).exit_code == 0
     rows = {r["node"]: r for r in json.loads(runner.invoke(app, ["node", "list", "--json"]).stdout)}
     assert rows["gpu-3"]["excluded"] and rows["gpu-3"]["reason"] == "operator: fan noise"
     assert rows["gpu-7"]["healthy"] is False and rows["gpu-7"]["reasons"] == ["ecc_uncorrectable on gpu 2"]
