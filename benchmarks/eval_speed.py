@@ -8,13 +8,14 @@ straightforward loop over the SAME model, dtype, threads, prompts, examples and 
 (one forward of five padded rows per question; one `generate` per question at batch 1,
 capped at the longest gold answer's tokens and stopped at a newline token), as a ratio. The
 two must give the same answer to every question and the same score, or the benchmark fails.
-Model loading is not counted on either side; with `--vllm` the vLLM scorer is timed against
+The two are timed in alternation `--repeat` times (this machine's speed drifts between runs);
+the figures are medians, the speedup the median of the pairs' ratios. Model loading is not counted on either side; with `--vllm` the vLLM scorer is timed against
 the same baseline, steady state and with its engine start-up counted. Then the projected
 wall time of the full validation sets (1,119 + 4,442 questions) for the 13b preset on one
 GPU from the planner's FLOP count.
 
     python benchmarks/eval_speed.py [--jcommonsenseqa VALID --jcommonsenseqa-train TRAIN]
-        [--jsquad VALID --jsquad-train TRAIN] [--limit 200] [--threads 2] [--vllm]
+        [--jsquad VALID --jsquad-train TRAIN] [--limit 200] [--threads 2] [--repeat 5] [--vllm]
 
 Without files it writes items in JGLUE's layouts from a few Japanese lines. The model is the
 tiny preset's shape (2 layers, hidden 64) with a 2,048-token context, so that 3-shot and
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -214,6 +216,7 @@ def main() -> None:
         ap.add_argument(f"--{task}-train", type=Path)
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5, help="timed pairs (scorer, baseline) a task; medians reported")
     ap.add_argument("--batch-tokens", type=int, default=None, help="the scorer's batch budget (default: its own)")
     ap.add_argument("--tasks", default="jcommonsenseqa,jsquad")
     ap.add_argument("--prompt-version", default=DEFAULT_PROMPT_VERSION)
@@ -223,10 +226,11 @@ def main() -> None:
 
     import torch
 
-    from jobs.evaluate.hf_scorer import HFScorer
+    from jobs.evaluate.hf_scorer import HFScorer, keep_freed_memory
     from jobs.evaluate.tasks import eval_jcommonsenseqa, eval_jsquad
 
     torch.set_num_threads(args.threads)
+    report_allocator = keep_freed_memory()  # as the evaluation job does for itself on a CPU
     with tempfile.TemporaryDirectory(prefix="eval-speed-") as tmp:
         root = Path(tmp)
         made = write_items(root, args.limit, args.limit)
@@ -239,6 +243,7 @@ def main() -> None:
         scorer.newline_ids()  # the stop tokens, found once per tokenizer, are shared by both ways
         report: dict = {"threads": args.threads, "limit": args.limit, "dtype": scorer.dtype}
         report["batch_tokens"] = scorer.batch_tokens
+        report["freed_memory_kept"] = report_allocator
         report["counted"] = "scoring only: the model is loaded once and shared by both ways (vLLM: see its startup_s)"
         runs = {
             "jcommonsenseqa": (load_jcommonsenseqa, eval_jcommonsenseqa, 3),
@@ -252,18 +257,22 @@ def main() -> None:
             tpl = template(task, args.prompt_version)
             todo = plan(items, train, k, args.limit)
             chars[task] = sum(len(tpl.prompt(i, s)) for i, s in todo) / len(todo)
-            t0 = time.perf_counter()
-            scores, preds = run(scorer, items, train, k, args.prompt_version, args.limit)
-            fast = len(todo) / (time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            base = (baseline_jcqa if task == "jcommonsenseqa" else baseline_jsquad)(scorer, todo, tpl)
-            slow = len(todo) / (time.perf_counter() - t0)
+            fasts, slows = [], []
+            for _ in range(args.repeat):  # alternated, so that both ways see the same machine
+                t0 = time.perf_counter()
+                scores, preds = run(scorer, items, train, k, args.prompt_version, args.limit)
+                fasts.append(len(todo) / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                base = (baseline_jcqa if task == "jcommonsenseqa" else baseline_jsquad)(scorer, todo, tpl)
+                slows.append(len(todo) / (time.perf_counter() - t0))
+            fast, slow = statistics.median(fasts), statistics.median(slows)
             same = compare(task, scores, preds, base, todo)
             report[task] = {
                 "questions": len(todo),
                 "questions_per_s": round(fast, 1),
                 "baseline_questions_per_s": round(slow, 1),
-                "speedup": round(fast / slow, 2),
+                "speedup": round(statistics.median(f / b for f, b in zip(fasts, slows, strict=True)), 2),
+                "speedups": [round(f / b, 2) for f, b in zip(fasts, slows, strict=True)],
                 **same,
                 "truncated": scores[f"{task}_truncated"],
             }

@@ -90,8 +90,10 @@ def make_scorer(args: argparse.Namespace):
         if not vllm_scorer.available():
             raise TaskDataError("--engine vllm: vllm is not installed (pip install vllm)")
         return vllm_scorer.VLLMScorer(args.model, dtype=args.dtype), device
-    from jobs.evaluate.hf_scorer import HFScorer
+    from jobs.evaluate.hf_scorer import HFScorer, keep_freed_memory
 
+    if device == "cpu":
+        keep_freed_memory()
     return HFScorer(args.model, device, dtype=args.dtype, batch_tokens=args.batch_tokens), device
 
 

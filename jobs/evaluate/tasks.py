@@ -28,6 +28,7 @@ class Scorer(Protocol):
     max_len: int
 
     def encode(self, text: str) -> list[int]: ...
+    def encode_all(self, texts: list[str]) -> list[list[int]]: ...
     def choice_logprobs(self, requests: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]: ...
     def generate(self, requests: list[tuple[list[int], int]]) -> list[str]: ...
     def sum_nll(self, windows: list[list[int]]) -> float: ...
@@ -66,9 +67,10 @@ def eval_jcommonsenseqa(
     tpl = template("jcommonsenseqa", version)
     todo = _plan(items, train, k, limit, seed)
     requests, truncated = [], 0
-    for item, shots in todo:
-        ctx = scorer.encode(tpl.prompt(item, shots))
-        conts = [scorer.encode(c) for c in item.choices]
+    prompts = scorer.encode_all([tpl.prompt(item, shots) for item, shots in todo])
+    choices = iter(scorer.encode_all([c for item, _ in todo for c in item.choices]))
+    for (item, _), ctx in zip(todo, prompts, strict=True):
+        conts = [next(choices) for _ in item.choices]
         if not all(conts):
             raise TaskDataError(f"jcommonsenseqa {item.qid}: a choice encodes to no tokens")
         room = scorer.max_len - max(len(c) for c in conts)
@@ -103,9 +105,10 @@ def eval_jsquad(
     tpl = template("jsquad", version)
     todo = _plan(items, train, k, limit, seed)
     requests, truncated = [], 0
-    for item, shots in todo:
-        ctx = scorer.encode(tpl.prompt(item, shots))
-        cap = max(len(scorer.encode(a)) for a in item.answers) or 1
+    prompts = scorer.encode_all([tpl.prompt(item, shots) for item, shots in todo])
+    answers = iter(scorer.encode_all([a for item, _ in todo for a in item.answers]))
+    for (item, _), ctx in zip(todo, prompts, strict=True):
+        cap = max([len(next(answers)) for _ in item.answers], default=0) or 1
         room = scorer.max_len - cap
         if len(ctx) > room:
             truncated += 1

@@ -62,6 +62,10 @@ class VLLMScorer:
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids
 
+    def encode_all(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` of each text, in one call (the tokenizer batches them)."""
+        return self.tok(list(texts), add_special_tokens=False).input_ids if texts else []
+
     def choice_logprobs(self, requests: Sequence[ChoiceRequest]) -> list[list[float]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt

@@ -117,3 +117,75 @@ def test_vllm_runs_the_saved_dtype(tmp_path):
     assert saved_dtype(tmp_path) == "bfloat16"
     (tmp_path / "config.json").write_text("{}")
     assert saved_dtype(tmp_path) == "auto"
+
+
+def jsquad_requests(scorer, cap=6):
+    items, train = load_jsquad(DATA / "jsquad-valid.json"), load_jsquad(DATA / "jsquad-train.json")
+    tpl = template("jsquad", "0.2")
+    return [(scorer.encode(tpl.prompt(i, s)), cap) for i, s in plan(items, train, 2)]
+
+
+def test_generation_equals_transformers_generate_one_question_at_a_time(scorer):
+    """The chunked prefill, the last-layer pass, the slab two prefill batches share and the
+    grouped decode give the answers of `generate` at batch 1 (stop at a newline token, cap)."""
+    torch = scorer.torch
+    assert scorer._last_layer is not None and scorer._kv_room is not None  # the fast paths are on here
+    reqs = jsquad_requests(scorer)
+    assert len(batches([len(p) for p, _ in reqs], scorer.batch_tokens)) > 1  # two prefill batches, one slab
+    assert max(len(p) for p, _ in reqs) - min(len(p) for p, _ in reqs) > scorer.prefill_chunk  # ends in other chunks
+    stops = sorted(scorer.newline_ids())
+    ref = []
+    for ids, cap in reqs:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            gen = scorer.model.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=cap, do_sample=False, eos_token_id=stops
+            )
+        ref.append(scorer.tok.decode(gen[0, x.shape[1] :]))
+    assert scorer.generate(reqs) == ref
+
+
+def test_chunked_prefill_equals_one_pass(scorer, monkeypatch):
+    """Chunks of 64 tokens (rows whose last tokens fall in different chunks) after the cached
+    description, and the last-layer pass, give the cache and last hidden states of one full pass
+    over the padded rows."""
+    torch = scorer.torch
+    prompts = [p for p, _ in jsquad_requests(scorer)][:3]
+    prompts = [prompts[0][:300], prompts[1][:100], prompts[2][:60]]
+    with torch.no_grad():
+        shared, own, cache, last = scorer._prefill(prompts, room=4)
+        monkeypatch.setattr(scorer, "prefill_chunk", 64)
+        c_shared, c_own, c_cache, c_last = scorer._prefill(prompts, room=4)
+        monkeypatch.setattr(scorer, "_last_layer", None)
+        monkeypatch.setattr(scorer, "_kv_room", None)
+        p_shared, p_own, p_cache, p_last = scorer._prefill(prompts)
+    assert shared == c_shared == p_shared > 0 and own == c_own == p_own  # the description, cached
+    assert own[0] - own[2] > 64
+    for got in (last, c_last):
+        assert torch.allclose(got.float(), p_last.float(), atol=0.05, rtol=0.02)
+    for got in (cache, c_cache):
+        for layer, plain in zip(got.layers, p_cache.layers, strict=True):
+            assert layer.keys.shape[2] == plain.keys.shape[2] == shared + max(own)
+            for b, n in enumerate(own):  # a row's real tokens (after them, padding)
+                for name in ("keys", "values"):
+                    a, p = getattr(layer, name)[b, :, : shared + n], getattr(plain, name)[b, :, : shared + n]
+                    assert torch.allclose(a.float(), p.float(), atol=0.05)
+
+
+def test_plain_paths_give_the_same_answers(scorer, monkeypatch):
+    """Without the last-layer pass and the in-place cache (a model or transformers release they
+    do not support), every batch runs in one pass and decodes alone: the same answers."""
+    reqs = jsquad_requests(scorer)
+    fast = scorer.generate(reqs)
+    monkeypatch.setattr(scorer, "_last_layer", None)
+    monkeypatch.setattr(scorer, "_kv_room", None)
+    monkeypatch.setattr(scorer, "decode_tokens", scorer.batch_tokens)
+    assert scorer.generate(reqs) == fast
+
+
+def test_the_evaluation_process_keeps_freed_memory():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert hf_scorer.keep_freed_memory() is True
