@@ -230,10 +230,15 @@ class NumericGuard:
 
 
 class StragglerDetector:
-    """A rank whose step time exceeds `factor` x the median of the others for `patience` steps."""
+    """A rank whose step time exceeds `factor` x the median of the others, and that median by
+    at least `min_excess_s`, for `patience` steps.
 
-    def __init__(self, factor: float = 2.0, patience: int = 3) -> None:
-        self.factor, self.patience = factor, patience
+    The floor keeps jitter on short steps from counting: a 16 ms step beside an 8 ms one is
+    twice as slow and costs nothing worth a report (seen on a shared machine's 10 ms steps).
+    """
+
+    def __init__(self, factor: float = 2.0, patience: int = 3, min_excess_s: float = 0.05) -> None:
+        self.factor, self.patience, self.min_excess_s = factor, patience, min_excess_s
         self.streak: dict[int, int] = {}
 
     def observe(self, times: list[float]) -> list[tuple[int, float, float]]:
@@ -243,7 +248,7 @@ class StragglerDetector:
             return found
         for rank, t in enumerate(times):
             others = statistics.median(times[:rank] + times[rank + 1 :])
-            if others > 0 and t > self.factor * others:
+            if others > 0 and t > self.factor * others and t - others >= self.min_excess_s:
                 self.streak[rank] = self.streak.get(rank, 0) + 1
                 if self.streak[rank] == self.patience:
                     found.append((rank, t, others))

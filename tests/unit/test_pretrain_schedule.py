@@ -90,6 +90,10 @@ def test_straggler_after_patience():
     assert d.observe([0.1, 0.5]) == [(1, 0.5, 0.1)]
     assert d.observe([0.1, 0.5]) == []  # reported once per streak
     assert d.observe([0.1, 0.1]) == []
+    jitter = StragglerDetector(factor=2.0, patience=3)
+    for _ in range(5):  # twice as slow, but by 8 ms: jitter on short steps, not a straggler
+        assert jitter.observe([0.016, 0.008]) == []
+    assert [jitter.observe([0.32, 0.01]) for _ in range(3)][-1] == [(0, 0.32, 0.01)]
 
 
 def test_checkpoint_interval_auto_reads_supervisor_file(tmp_path):
