@@ -9,8 +9,9 @@ straightforward loop over the SAME model, dtype, threads, prompts, examples and 
 capped at the longest gold answer's tokens and stopped at a newline token), as a ratio. The
 two must give the same answer to every question and the same score, or the benchmark fails.
 The two are timed in alternation `--repeat` times (this machine's speed drifts between runs);
-the figures are medians, the speedup the median of the pairs' ratios. Model loading is not counted on either side; with `--vllm` the vLLM scorer is timed against
-the same baseline, steady state and with its engine start-up counted. Then the projected
+the figures are medians, the speedup the median of the pairs' ratios. Model loading is not
+counted on either side; with `--vllm` the vLLM scorer is timed against the same baseline,
+steady state and with its engine start-up counted. Then the projected
 wall time of the full validation sets (1,119 + 4,442 questions) for the 13b preset on one
 GPU from the planner's FLOP count.
 
@@ -230,7 +231,7 @@ def main() -> None:
     from jobs.evaluate.tasks import eval_jcommonsenseqa, eval_jsquad
 
     torch.set_num_threads(args.threads)
-    report_allocator = keep_freed_memory()  # as the evaluation job does for itself on a CPU
+    kept = keep_freed_memory()  # as the evaluation job does for itself on a CPU
     with tempfile.TemporaryDirectory(prefix="eval-speed-") as tmp:
         root = Path(tmp)
         made = write_items(root, args.limit, args.limit)
@@ -243,7 +244,7 @@ def main() -> None:
         scorer.newline_ids()  # the stop tokens, found once per tokenizer, are shared by both ways
         report: dict = {"threads": args.threads, "limit": args.limit, "dtype": scorer.dtype}
         report["batch_tokens"] = scorer.batch_tokens
-        report["freed_memory_kept"] = report_allocator
+        report["freed_memory_kept"] = kept
         report["counted"] = "scoring only: the model is loaded once and shared by both ways (vLLM: see its startup_s)"
         runs = {
             "jcommonsenseqa": (load_jcommonsenseqa, eval_jcommonsenseqa, 3),

@@ -94,13 +94,9 @@ def keep_freed_memory() -> bool:
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
-        return False
-    if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
@@ -164,7 +160,7 @@ class HFScorer:
         from jobs.evaluate import kv_room
 
         # decoding appends to a cache with room, not by copying it (transformers 5.x)
-        self._kv_room = kv_room if int(transformers.__version__.split(".")[0]) >= 5 else None
+        self._kv_room = kv_room if kv_room.layered_caches() else None
         self.prefill_chunk = PREFILL_CHUNK
         # rows decoded together: as many as a KV_BUDGET_BYTES cache holds, with a slab to join them in
         kv_tokens = default_batch_tokens(self.model.config, self.model.dtype.itemsize)
@@ -217,7 +213,6 @@ class HFScorer:
             first_lp = torch.log_softmax(head(last).float(), dim=-1)
         # pass 2: the choice tokens of every row
         past = shared + max(own)
-        neg = torch.finfo(self.model.dtype).min
         cids = torch.zeros((len(reqs), span), dtype=torch.long)
         pos = torch.zeros((len(reqs), span), dtype=torch.long)
         allowed = torch.zeros((len(reqs), span, past + span), dtype=torch.bool)
@@ -241,7 +236,7 @@ class HFScorer:
             for t in range(off, span):  # padding attends to itself only
                 allowed[b, t, past + t] = True
         if targets:  # some choice has a second token
-            mask = torch.zeros(allowed.shape, dtype=self.model.dtype).masked_fill_(~allowed, neg)[:, None]
+            mask = self._additive(allowed)[:, None]
             with torch.no_grad():
                 hidden = self.model.base_model(
                     input_ids=cids.to(self.device),
@@ -326,15 +321,19 @@ class HFScorer:
             last = hidden if last is None else torch.where(here[:, None], hidden, last)
         return shared, own, cache, last
 
+    def _additive(self, allowed):
+        """An attention mask in the model's dtype: 0 where `allowed`, the dtype's minimum elsewhere."""
+        torch = self.torch
+        mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, torch.finfo(self.model.dtype).min)
+
     def _causal_after(self, past: int, n: int):
         """The additive mask by which `n` new tokens see `past` cached ones and each other
         causally (None with nothing cached: the plain causal kernel then applies)."""
         if past == 0:
             return None
-        torch = self.torch
-        allowed = torch.ones((n, past + n), dtype=torch.bool, device=self.device).tril(past)
-        mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=self.device)
-        return mask.masked_fill_(~allowed, torch.finfo(self.model.dtype).min)[None, None]
+        allowed = self.torch.ones((n, past + n), dtype=self.torch.bool, device=self.device).tril(past)
+        return self._additive(allowed)[None, None]
 
     # ------------------------------------------------------------ held-out loss
 
@@ -412,8 +411,7 @@ class HFScorer:
             cache = self._kv_room.joined(slab, self.model.config, width, filled)
         last = torch.cat(lasts)
         allowed = torch.arange(width)[None, :] < torch.tensor(ends)[:, None]
-        neg = torch.finfo(self.model.dtype).min
-        mask = torch.zeros(allowed.shape, dtype=self.model.dtype).masked_fill_(~allowed, neg)
+        mask = self._additive(allowed)
         first = self.model.get_output_embeddings()(last).argmax(-1).tolist()
         tokens = [[t] for t in first]
         going = {b for b, (t, (_, c)) in enumerate(zip(first, reqs, strict=True)) if t not in stops and c > 1}

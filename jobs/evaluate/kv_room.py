@@ -14,7 +14,7 @@ rows, so that they decode together: a decode step costs about the same for 30 ro
 A row's columns past its own prompt (its batch's padding, or zeros) are hidden by the decode
 mask.
 
-transformers 5.x only (caches made of layers); `supported` says whether this one is.
+transformers 5.x only (`layered_caches`); `supported` says whether a cache is one this handles.
 """
 
 from __future__ import annotations
@@ -22,6 +22,13 @@ from __future__ import annotations
 import functools
 
 import torch
+
+
+def layered_caches() -> bool:
+    """Whether this transformers makes its caches of layers (5.x), as everything here needs."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
 
 
 def supported(cache) -> bool:

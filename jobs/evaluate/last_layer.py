@@ -27,9 +27,9 @@ SUPPORTED_ATTENTION = frozenset({"LlamaAttention"})
 
 def supported(model) -> bool:
     """Whether the model's last decoder layer is one `LastPositionsOnly` can stand in for."""
-    import transformers
+    from jobs.evaluate.kv_room import layered_caches
 
-    if int(transformers.__version__.split(".")[0]) < 5:  # 4.x decoder layers return tuples
+    if not layered_caches():  # 4.x: decoder layers return tuples, caches are lists
         return False
     layers = getattr(model.base_model, "layers", None)
     if not layers:
@@ -56,8 +56,11 @@ class LastPositionsOnly(torch.nn.Module):
         super().__init__()
         self.layer = layer
         self.last = last
-        modeling = sys.modules[type(layer.self_attn).__module__]
-        self.rotate, self.rotate_half = modeling.apply_rotary_pos_emb, modeling.rotate_half
+        self.rotate_half = sys.modules[type(layer.self_attn).__module__].rotate_half
+
+    def _rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Llama's rotary embedding (its `apply_rotary_pos_emb`) of one of queries or keys."""
+        return x * cos[:, None] + self.rotate_half(x) * sin[:, None]
 
     def forward(self, hidden_states, position_embeddings=None, past_key_values=None, **_kwargs):
         layer, attn = self.layer, self.layer.self_attn
@@ -67,11 +70,11 @@ class LastPositionsOnly(torch.nn.Module):
         x = layer.input_layernorm(hidden_states)
         k = attn.k_proj(x).view(rows, t, -1, attn.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(rows, t, -1, attn.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        k = k * cos[:, None] + self.rotate_half(k) * sin[:, None]  # the rotary embedding, keys only
+        cos, sin = position_embeddings  # (1 or rows, tokens, head_dim)
+        k = self._rotary(k, cos, sin)
         q = attn.q_proj(x[index, last][:, None]).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
-        at = (index, last)  # cos/sin: (1 or rows, tokens, head_dim)
-        q, _ = self.rotate(q, q, cos.expand(rows, -1, -1)[at][:, None], sin.expand(rows, -1, -1)[at][:, None])
+        at = (index, last)
+        q = self._rotary(q, cos.expand(rows, -1, -1)[at][:, None], sin.expand(rows, -1, -1)[at][:, None])
         past = 0
         if past_key_values is not None:
             past = past_key_values.get_seq_length(attn.layer_idx)
