@@ -16,6 +16,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from controlplane.errors import ConfigurationError
+from controlplane.ray_cluster import SERVE_PROXY_ENV
 from controlplane.spec import ClusterSpec, NodeGroup
 
 PART_OF = {"app.kubernetes.io/part-of": "llmctl"}
@@ -196,6 +197,7 @@ def ray_env(spec: ClusterSpec) -> list[dict[str, Any]]:
             "valueFrom": {"secretKeyRef": {"name": spec.kubernetes.ray_auth_secret, "key": "auth_token"}},
         },
         {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        *({"name": k, "value": v} for k, v in SERVE_PROXY_ENV.items()),
         {"name": "LLMCTL_CLUSTER", "value": IN_CLUSTER_SPEC},
     ]
 

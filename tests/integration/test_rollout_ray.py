@@ -10,7 +10,6 @@ drill run the transformers engine, which starts in seconds.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import threading
 import time
@@ -23,6 +22,7 @@ import pytest
 
 from controlplane.context import Context
 from controlplane.procs import free_port
+from controlplane.ray_cluster import SERVE_PROXY_ENV
 from controlplane.rollout import store
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.ray_backend import RayServeBackend
@@ -50,8 +50,10 @@ def cluster(home):
     import ray
     from ray import serve
 
-    old = os.environ.get("LLMCTL_HOME")
-    os.environ["LLMCTL_HOME"] = str(home)
+    env = pytest.MonkeyPatch()
+    env.setenv("LLMCTL_HOME", str(home))
+    for k, v in SERVE_PROXY_ENV.items():  # as the project's clusters set them (a proxy on a busy host)
+        env.setenv(k, v)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     ctx = Context.load()
     make_run(ctx, RUN, steps=(10, 20, 30, 40, 50))
@@ -80,10 +82,7 @@ def cluster(home):
     yield ctx, backend, base, f"http://127.0.0.1:{port}/svc/v1/completions"
     serve.shutdown()
     ray.shutdown()
-    if old is None:
-        os.environ.pop("LLMCTL_HOME", None)
-    else:
-        os.environ["LLMCTL_HOME"] = old
+    env.undo()
 
 
 @dataclass
@@ -125,6 +124,17 @@ class Traffic:
         self.stop.set()
         for t in self.threads:
             t.join(timeout=30)
+
+    def started_after(self, t: float, n: int = 6, timeout: float = 60.0) -> list[Result]:
+        """The requests that started after `t`, once `n` of them have ended (bounded by `timeout`):
+        under load one request can take more than a second, so a fixed sleep may see none."""
+        deadline = time.time() + timeout
+        while True:
+            with self.lock:
+                after = [r for r in self.results if r.start > t]
+            if len(after) >= n or time.time() > deadline:
+                return after
+            time.sleep(0.1)
 
     def between(self, a: float, b: float) -> list[Result]:
         with self.lock:
@@ -290,7 +300,7 @@ def test_faulty_candidate_rolls_back_while_stable_serves(cluster, step, drill, w
         time.sleep(0.5)
         row = RolloutController(ctx, backend).start(spec)
         t_end = time.time()
-        time.sleep(1.0)
+        after = traffic.started_after(t_end)
     cand = f"canary-s{step}"
     assert row["state"] == store.ROLLED_BACK, row
     assert why in row["reason"]
@@ -302,8 +312,8 @@ def test_faulty_candidate_rolls_back_while_stable_serves(cluster, step, drill, w
     to_stable = [r for r in traffic.results if r.version == stable]
     assert to_stable and all(r.code == 200 for r in to_stable)
     assert all(r.version in (stable, cand) for r in traffic.results)
-    after = [r for r in traffic.results if r.start > t_end]
-    assert after and all(r.code == 200 and r.version == stable for r in after)
+    assert len(after) >= 6, f"{len(after)} requests ended after the rollback"
+    assert all(r.code == 200 and r.version == stable for r in after)
     runbooks_on_an_ended_rollout(row["rollout_id"], store.ROLLED_BACK)
 
 
@@ -347,14 +357,14 @@ def test_healthy_rollout_under_traffic_loses_no_request(cluster):
         t0 = time.time()
         row = RolloutController(ctx, backend).start(spec)
         t1 = time.time()
-        time.sleep(1.0)
+        tail = traffic.started_after(t1)
     assert row["state"] == store.PROMOTED, row
     during = traffic.between(t0, t1)
     assert len(during) >= 500, f"only {len(during)} requests during the rollout"
     assert all(r.code == 200 for r in traffic.results), {r.code for r in traffic.results}
     assert {r.version for r in during} == {old, "canary-s40"}
-    tail = [r for r in traffic.results if r.start > t1]
-    assert tail and all(r.version == "canary-s40" for r in tail)
+    assert len(tail) >= 6, f"{len(tail)} requests ended after the promotion"
+    assert all(r.version == "canary-s40" for r in tail)
     assert stable_of(ctx) == "canary-s40" and not backend.has_version(spec, old)
     actions = [d["action"] for d in store.decisions(ctx.ledger, row["rollout_id"])]
     assert actions == ["advance", "advance", "promote"]

@@ -17,6 +17,7 @@ from controlplane.errors import ConfigurationError
 from controlplane.infra import addons
 from controlplane.infra import manifests as m
 from controlplane.infra.render import RecordingMocks, render, run_under_mocks, write_render
+from controlplane.ray_cluster import SERVE_PROXY_ENV, ray_env
 from controlplane.spec import ClusterSpec, load_spec, validate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +77,20 @@ def test_reference_ray_workers_add_up_to_928_gpus(reference):
         total += wg["replicas"] * int(limits[m.GPU_RESOURCE])
     assert total == 928 == load_spec(ClusterSpec, REFERENCE).total_gpus
     assert gpus_of(rc["spec"]["headGroupSpec"]["template"]["spec"]) == 0
+
+
+def test_every_ray_process_gives_serve_proxies_the_same_check_bounds(reference, tmp_path):
+    """A proxy on a busy node is not killed for a slow readiness or health answer, on Kubernetes
+    as on the local cluster (controlplane.ray_cluster.ray_env)."""
+    want = [{"name": k, "value": v} for k, v in SERVE_PROXY_ENV.items()]
+    ray_pods = [(w, pod) for w, _labels, pod in pod_specs(reference) if w.startswith("RayCluster/")]
+    assert len(ray_pods) >= 2  # the head and the worker groups
+    for where, pod in ray_pods:
+        env = pod["containers"][0]["env"]
+        assert all(e in env for e in want), where
+    local = ray_env(tmp_path / "token")
+    assert {k: local[k] for k in SERVE_PROXY_ENV} == SERVE_PROXY_ENV
+    assert float(SERVE_PROXY_ENV["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]) > 5  # Ray's own bound
 
 
 def test_every_gpu_pod_tolerates_the_taint_and_selects_its_product(reference):
