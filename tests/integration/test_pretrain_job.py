@@ -43,6 +43,9 @@ def dataset(dataset_dir):
     return dataset_dir
 
 
+SYNC_CHECKPOINTS = {"interval_steps": 10, "keep_last": 5, "async_save": False}
+
+
 def make_run(root: Path, dataset: Path, name: str, **overrides) -> RunDir:
     spec = {
         "name": "itest",
@@ -132,7 +135,15 @@ def test_killed_worker_is_replaced_in_attempt(baseline, ray_env, dataset, tmp_pa
 
 
 def test_restart_resumes_from_newest_verified_checkpoint(baseline, ray_env, dataset, tmp_path):
-    rd = make_run(tmp_path, dataset, "resume", faults=[{"kind": "exit_driver", "at_step": 25, "attempt": 1}])
+    # Sync saves: each checkpoint is committed before the next step, so the dead driver leaves
+    # exactly 10 and 20 (an async write still running when the driver dies is lost with it).
+    rd = make_run(
+        tmp_path,
+        dataset,
+        "resume",
+        checkpoint=SYNC_CHECKPOINTS,
+        faults=[{"kind": "exit_driver", "at_step": 25, "attempt": 1}],
+    )
     first = run_job(rd, 1, ray_env)
     assert first.returncode == 1
     assert ckpt.committed_steps(rd.checkpoints) == [10, 20]

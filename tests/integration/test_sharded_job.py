@@ -33,7 +33,7 @@ from controlplane import ray_cluster
 from controlplane.spec import ClusterSpec, StorageSpec
 from tests.integration import test_pretrain_job as pj
 from tests.integration.conftest import wait_for
-from tests.integration.test_pretrain_job import by_type, make_run, run_job
+from tests.integration.test_pretrain_job import SYNC_CHECKPOINTS, by_type, make_run, run_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.training]
 ray_env, dataset = pj.ray_env, pj.dataset  # the same module-scoped fixtures
@@ -135,7 +135,7 @@ def test_killed_worker_reloads_in_place_and_matches(zero3, ray_env, dataset, tmp
 
 def test_corrupt_shard_skips_that_checkpoint(zero3, ray_env, dataset, tmp_path):
     rd, proc = ran(
-        tmp_path, dataset, ray_env, "z3-corrupt", stage=3,
+        tmp_path, dataset, ray_env, "z3-corrupt", stage=3, checkpoint=SYNC_CHECKPOINTS,
         faults=[{"kind": "exit_driver", "at_step": 40, "attempt": 1}],
     )  # fmt: skip
     assert proc.returncode == 1
@@ -155,7 +155,7 @@ def test_corrupt_shard_skips_that_checkpoint(zero3, ray_env, dataset, tmp_path):
 def test_checkpoint_reshards_from_2_to_1_and_back_to_2(zero3, ray_env, dataset, tmp_path):
     one = make_run(
         tmp_path / "one", dataset, "one",
-        **spec(3, workers=1, faults=[{"kind": "exit_driver", "at_step": 40, "attempt": 1}]),
+        **spec(3, workers=1, checkpoint=SYNC_CHECKPOINTS, faults=[{"kind": "exit_driver", "at_step": 40, "attempt": 1}]),
     )  # fmt: skip
     src = sorted(p for p in zero3.checkpoints.iterdir() if p.name == ckpt.step_dirname(20))[0]
     shutil.copytree(src, one.checkpoints / src.name)
