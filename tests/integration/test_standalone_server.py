@@ -115,14 +115,15 @@ def test_prometheus_windows_from_a_real_scrape(tmp_path):
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base)
         with PrometheusServer({"llmctl-serve": [f"127.0.0.1:{port}"]}, tmp_path / "prom", scrape_interval_s=1) as prom:
-            prom.wait_for('llmctl_serve_requests_total{version="pm-s10"}', timeout_s=60)
-            time.sleep(2.5)
+            scraped = 'max(timestamp(llmctl_serve_requests_total{version="pm-s10"}))'
+            prom.wait_for(scraped, timeout_s=60)
             since = time.time()
+            prom.wait_for(f"{scraped} > {since:.3f}", timeout_s=60)  # a sample between `since` and the burst
             codes = [
                 httpx.post(f"{base}/v1/completions", json={"prompt": "猫は", "max_tokens": 3}, timeout=30).status_code
                 for _ in range(30)
             ]
-            time.sleep(3.5)  # two more scrapes
+            prom.wait_for(f"{scraped} > {time.time() + 1.0:.3f}", timeout_s=60)  # scraped after the burst
             w = PrometheusMetrics(prom.url).window("svc", "pm-s10", since - 1.5)
         engine_procs = psutil.Process(proc.pid).children(recursive=True)  # vLLM's engine core and worker
     finally:
