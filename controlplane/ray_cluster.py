@@ -32,19 +32,12 @@ import httpx
 
 from controlplane.errors import LlmctlError, RetryableError, UserError
 from controlplane.procs import free_port, pid_alive
+from controlplane.ray_settings import RAY_PROCESS_ENV
 from controlplane.rundir import RunDir, write_atomic
 from controlplane.spec import ClusterSpec
 
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 20.0
-# Ray Serve's controller kills an HTTP proxy that misses three readiness (5 s) or health (10 s)
-# checks in a row. On a busy host (a head that also runs an engine or a training rank) a proxy
-# can take longer than that to answer, and a killed proxy fails the deploy or drops every
-# request in flight; these bounds give it 30 s a check. Every Ray process of a cluster gets them.
-SERVE_PROXY_ENV = {
-    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
-    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
-}
 
 
 class ClusterNotRunning(UserError):
@@ -103,8 +96,7 @@ def ray_env(token_file: Path, only_ray: bool = False) -> dict[str, str]:
     """Environment for Ray processes and clients of this cluster: token auth on, loopback only
     (this machine is 127.0.0.1 to Ray: see ray_launch). `only_ray`: just the RAY_ variables."""
     env = {} if only_ray else {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0")
-    return {**env, **SERVE_PROXY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return {**env, **RAY_PROCESS_ENV, "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def read_state(cluster: ClusterSpec) -> LocalClusterState | None:

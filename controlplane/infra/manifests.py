@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from controlplane.errors import ConfigurationError
-from controlplane.ray_cluster import SERVE_PROXY_ENV
+from controlplane.ray_settings import RAY_PROCESS_ENV
 from controlplane.spec import ClusterSpec, NodeGroup
 
 PART_OF = {"app.kubernetes.io/part-of": "llmctl"}
@@ -191,13 +191,11 @@ def gpu_tolerations(spec: ClusterSpec) -> list[dict[str, str]]:
 def ray_env(spec: ClusterSpec) -> list[dict[str, Any]]:
     """Token auth on for every Ray process; the token only as a reference to its Secret."""
     return [
-        {"name": "RAY_AUTH_MODE", "value": "token"},
+        *({"name": k, "value": v} for k, v in RAY_PROCESS_ENV.items()),
         {
             "name": "RAY_AUTH_TOKEN",
             "valueFrom": {"secretKeyRef": {"name": spec.kubernetes.ray_auth_secret, "key": "auth_token"}},
         },
-        {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
-        *({"name": k, "value": v} for k, v in SERVE_PROXY_ENV.items()),
         {"name": "LLMCTL_CLUSTER", "value": IN_CLUSTER_SPEC},
     ]
 

@@ -22,7 +22,7 @@ import pytest
 
 from controlplane.context import Context
 from controlplane.procs import free_port
-from controlplane.ray_cluster import SERVE_PROXY_ENV
+from controlplane.ray_settings import SERVE_PROXY_ENV
 from controlplane.rollout import store
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.ray_backend import RayServeBackend

@@ -17,7 +17,8 @@ from controlplane.errors import ConfigurationError
 from controlplane.infra import addons
 from controlplane.infra import manifests as m
 from controlplane.infra.render import RecordingMocks, render, run_under_mocks, write_render
-from controlplane.ray_cluster import SERVE_PROXY_ENV, ray_env
+from controlplane.ray_cluster import ray_env
+from controlplane.ray_settings import SERVE_PROXY_ENV
 from controlplane.spec import ClusterSpec, load_spec, validate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,7 +91,6 @@ def test_every_ray_process_gives_serve_proxies_the_same_check_bounds(reference, 
         assert all(e in env for e in want), where
     local = ray_env(tmp_path / "token")
     assert {k: local[k] for k in SERVE_PROXY_ENV} == SERVE_PROXY_ENV
-    assert float(SERVE_PROXY_ENV["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]) > 5  # Ray's own bound
 
 
 def test_every_gpu_pod_tolerates_the_taint_and_selects_its_product(reference):
