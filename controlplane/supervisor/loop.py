@@ -246,7 +246,14 @@ class Supervisor:
                     attempt_fields.setdefault("cause", a.kind)
                 if a.kind == "hang":  # detected here, not reported by the job
                     track.add_failure(
-                        {"kind": "hang", "at": now, "attempt": o.attempt, "node": a.detail.get("node")}, True
+                        {
+                            "kind": "hang",
+                            "at": now,
+                            "attempt": o.attempt,
+                            "node": a.detail.get("node"),
+                            "source": "supervisor",
+                        },
+                        True,
                     )
                 elif a.kind in UNREPORTED:
                     track.failure_count += 1

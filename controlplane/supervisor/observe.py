@@ -101,9 +101,7 @@ def observe(
     def failures_on(name: str) -> int:  # since an operator last readmitted it; not once a user stopped it
         since = (records.get(name) or {}).get("readmitted_at") or 0.0
         until = stopped.get(name, math.inf) - STOP_GRACE_S
-        return sum(
-            1 for f in track.failures if f.get("node") == name and f["kind"] in NODE_FAULTS and since < f["at"] < until
-        )
+        return node_fault_count(track.failures, name, since, until)
 
     nodes = tuple(
         O.NodeStatus(
@@ -161,22 +159,39 @@ def observe(
     )
 
 
+def node_fault_count(failures: list[dict[str, Any]], node: str, since: float = 0.0, until: float = math.inf) -> int:
+    """The failures that count against `node` between `since` and `until`: each the job reported
+    (a worker death, a driver error) and each hang the supervisor found there, except a hang in an
+    attempt whose job already reported a failure on that node: the survivors stalled behind that
+    death (or its replacement) is the same fault seen again, not a second one."""
+    on_node = [f for f in failures if f.get("node") == node and f["kind"] in NODE_FAULTS and since < f["at"] < until]
+    reported = {f.get("attempt") for f in on_node if f.get("source") != "supervisor"}
+    return sum(1 for f in on_node if f.get("source") != "supervisor" or f.get("attempt") not in reported)
+
+
 def capacity(spec: RunSpec, view: ClusterView, excluded: set[str]) -> O.Capacity | None:
     """What the attempt's workers ask against what the cluster's nodes (not excluded) have, while Ray
-    holds requests it cannot place (None when it holds none, or the free resources are unknown)."""
-    if view.free is None or not view.pending:
+    holds requests it cannot place or the nodes not excluded cannot hold them (None otherwise, or
+    when the free resources are unknown). Ray does not report a request that only the exclusions
+    keep out (a label selector) as demand, so that case is judged here."""
+    if view.free is None:
         return None
     w = spec.workers  # an attempt may start on workers.min_workers: that is what it needs
     asked = {"CPU": w.floor * w.cpus_per_worker}
     if w.gpus_per_worker:
         asked["GPU"] = w.floor * w.gpus_per_worker
     total: dict[str, float] = {}
+    held: dict[str, float] = {}
     for node in view.nodes:
-        if node.get("alive") and node.get("node_id") not in excluded:
+        if node.get("alive"):
+            into = held if node.get("node_id") in excluded else total
             for k, v in (node.get("resources_total") or {}).items():
-                total[k] = total.get(k, 0.0) + float(v)
-    return O.Capacity(
+                into[k] = into.get(k, 0.0) + float(v)
+    cap = O.Capacity(
         tuple(sorted(asked.items())),
         tuple(sorted((k, total.get(k, 0.0)) for k in asked)),
-        tuple(sorted((k, view.free.get(k, 0.0)) for k in asked)),
+        # what is free on excluded nodes is no use to this attempt
+        tuple(sorted((k, min(view.free.get(k, 0.0), total.get(k, 0.0))) for k in asked)),
+        tuple(sorted((k, held.get(k, 0.0)) for k in asked)),
     )
+    return cap if view.pending or cap.held_out() else None

@@ -69,11 +69,13 @@ class NodeStatus:
 @dataclass(frozen=True)
 class Capacity:
     """What the current attempt asks of the cluster, and what the cluster has (nodes not excluded).
-    Each is a tuple of (resource, amount), e.g. (("CPU", 4.0),)."""
+    Each is a tuple of (resource, amount), e.g. (("CPU", 4.0),); `excluded`: what the live nodes
+    that are excluded hold besides (an operator's readmission, or a replaced node, gives it back)."""
 
     asked: tuple[tuple[str, float], ...]
     total: tuple[tuple[str, float], ...]
     free: tuple[tuple[str, float], ...]
+    excluded: tuple[tuple[str, float], ...] = ()
 
     def short(self) -> dict[str, tuple[float, float, float]]:
         """resource -> (asked, free, total), for the resources asked and not free."""
@@ -81,11 +83,21 @@ class Capacity:
         return {r: (a, free.get(r, 0.0), total.get(r, 0.0)) for r, a in self.asked if a > free.get(r, 0.0) + 1e-9}
 
     def never_fits(self) -> bool:
+        """More than the whole cluster has, excluded nodes included."""
+        total, held = dict(self.total), dict(self.excluded)
+        return any(a > total.get(r, 0.0) + held.get(r, 0.0) + 1e-9 for r, a in self.asked)
+
+    def held_out(self) -> bool:
+        """More than the nodes not excluded have, but not more than the cluster has: the
+        exclusions are why it waits."""
         total = dict(self.total)
-        return any(a > total.get(r, 0.0) + 1e-9 for r, a in self.asked)
+        return not self.never_fits() and any(a > total.get(r, 0.0) + 1e-9 for r, a in self.asked)
 
     def describe(self) -> str:
         parts = [f"{a:g} {r} asked, {f:g} free of {t:g}" for r, (a, f, t) in self.short().items()]
+        if self.held_out():
+            held = ", ".join(f"{v:g} {r}" for r, v in self.excluded if v)
+            parts.append(f"{held} on excluded nodes (`llmctl node readmit NODE` puts one back)")
         return "; ".join(parts) or "resources free; placing the workers"
 
 

@@ -30,8 +30,9 @@ The rules (each unit-tested in tests/unit/test_supervisor_policy.py):
 - Crash loop: when `crash_loop_restarts` restarts in a row made no step progress, the run
   fails with cause "crash loop: ..." naming the last failure.
 - Hang: a RUNNING attempt with no new step for clamp(hang_timeout_factor x median step
-  time, hang_timeout_min_s, hang_timeout_max_s) (before its first step: startup_timeout_s)
-  is stopped and restarted; the incident names the ranks whose heartbeats went stale.
+  time, hang_timeout_min_s, hang_timeout_max_s) (before its first step, and while the job
+  replaces a failed rank inside the attempt: startup_timeout_s) is stopped and restarted;
+  the incident names the ranks whose heartbeats went stale.
 - Numerical fault (a `nan_loss` / `loss_spike` failure, or a NaN/spike in the recent
   losses): roll back to the newest verified checkpoint strictly before the bad step and
   skip the data window [ckpt_step+1 .. bad_step] in every later attempt, at most
@@ -220,6 +221,10 @@ def _numerical(o: Observed, spec: FaultToleranceSpec) -> Failure | None:
     return Failure(kind, o.last_step_at or 0.0, o.attempt, step, detail=f"loss {o.recent_losses[idx]} at step {step}")
 
 
+# failures of one rank that the job answers by replacing it inside the attempt (tier 1)
+REPLACED = frozenset({"worker_died", "hang"})
+
+
 def _hang(o: Observed, spec: FaultToleranceSpec, now: float, config: PolicyConfig) -> Failure | None:
     started = o.attempt_started_at
     submitted = o.attempt_submitted_at or started or now
@@ -232,6 +237,14 @@ def _hang(o: Observed, spec: FaultToleranceSpec, now: float, config: PolicyConfi
         limit, since, what = spec.hang_timeout_max_s, last_step_at, "no end after the final step"
     else:
         limit, since, what = hang_timeout_s(spec, o.median_step_s), max(last_step_at or 0.0, started or 0.0), "no step"
+        replacing = [
+            f.at for f in o.failures if f.kind in REPLACED and f.rank is not None and not f.recovered and f.at >= since
+        ]
+        if replacing:
+            # The job reported a rank's failure and is replacing it inside the attempt: a new
+            # worker process starts and loads its state, so it has what a start has.
+            limit = max(limit, config.startup_timeout_s or spec.hang_timeout_max_s)
+            since, what = max(replacing), "no step since a worker failed and its replacement began"
     if now - since <= limit:
         return None
     stale = sorted(h.rank for h in o.heartbeats if now - h.last_seen > config.heartbeat_stale_s)

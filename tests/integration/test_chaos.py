@@ -27,7 +27,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 from pathlib import Path
@@ -38,7 +40,7 @@ from controlplane import checkpoint as ckpt
 from controlplane import ray_cluster
 from controlplane.context import Context
 from controlplane.rundir import RunDir
-from controlplane.runs import create_run
+from controlplane.runs import create_run, stop_run
 from controlplane.spec import ClusterSpec, RunSpec, StorageSpec
 from controlplane.supervisor import store
 from tests.integration.conftest import wait_for
@@ -89,6 +91,11 @@ def supervisor(ray_home):
     sup.start()
     yield sup
     sup.kill(signal.SIGTERM)
+    # a run a failed case left behind would hold the session cluster from the next modules
+    ctx = Context(ClusterSpec(storage=StorageSpec(root=str(ray_home))))
+    for run in ctx.ledger.list_runs():
+        if run["run_id"].startswith("chaos-"):
+            stop_run(ctx, run["run_id"], "the chaos module ended")
 
 
 @pytest.fixture
@@ -113,6 +120,9 @@ def drills(module_ctx, dataset_dir, supervisor):
     return {"nan": submit(ctx, "chaos-nan", faults=[nan]), "enospc": submit(ctx, "chaos-enospc", faults=[enospc])}
 
 
+_submitted = threading.local()  # the runs the current thread's case recorded
+
+
 def submit(ctx: Context, name: str, faults=(), stage: int = ZERO_STAGE, **ft) -> RunDir:
     spec = {
         "name": name,
@@ -125,7 +135,28 @@ def submit(ctx: Context, name: str, faults=(), stage: int = ZERO_STAGE, **ft) ->
         "parallelism": {"zero_stage": stage},
         "seed": 11,
     }
-    return create_run(ctx, RunSpec.model_validate(spec))  # pending: the supervisor submits attempt 1
+    rd = create_run(ctx, RunSpec.model_validate(spec))  # pending: the supervisor submits attempt 1
+    _submitted.__dict__.setdefault("runs", []).append(rd.run_id)
+    return rd
+
+
+def tidy(case: Callable[[Context], None]) -> Callable[[Context], None]:
+    """Run a case; if it fails, stop the runs it recorded and readmit the nodes they had excluded,
+    so that one failure is reported as itself and does not hold the cluster from the next cases."""
+
+    def run(ctx: Context) -> None:
+        _submitted.runs = []
+        try:
+            case(ctx)
+        except BaseException:
+            for run_id in _submitted.runs:
+                stop_run(ctx, run_id, "the chaos case failed")
+                for record in store.node_records(ctx.ledger):
+                    if record["excluded"] and record.get("run_id") == run_id:
+                        store.readmit_node(ctx.ledger, record["node"])
+            raise
+
+    return run
 
 
 def step_reached(rd: RunDir, step: int, attempt: int | None = None) -> bool:
@@ -293,7 +324,7 @@ ALL_CASES_TIMEOUT_S = CASE_TIMEOUT_S * len(CASES) / SIDE_BY_SIDE
 def side_by_side(module_ctx, dataset_dir, supervisor, drills):
     ctx = module_ctx
     pool = ThreadPoolExecutor(SIDE_BY_SIDE, thread_name_prefix="chaos")
-    futures = {name: pool.submit(case, ctx) for name, case in CASES.items()}
+    futures = {name: pool.submit(tidy(case), ctx) for name, case in CASES.items()}
     try:
         yield futures
     finally:

@@ -262,6 +262,26 @@ def test_after_the_final_step_only_the_hard_cap_is_a_hang():
     assert late.kind == "hang" and "no end after the final step" in late.detail["detail"]
 
 
+def test_a_rank_being_replaced_inside_the_attempt_has_the_startup_bound():
+    # rank 1 died 30 s after the last step; the job is starting its replacement (a new process
+    # that imports torch and loads its state): not a hang after the step bound (20 s) ...
+    died = Failure("worker_died", NOW - 30, 1, 40, rank=1, node="n1")
+    hb = (Heartbeat(0, NOW - 1, "n0"), Heartbeat(1, NOW - 31, "n1"))
+    o = running(last_step_at=NOW - 60, failures=(died,), heartbeats=hb)
+    assert decide(o, FT, NOW) == []
+    cfg = PolicyConfig(startup_timeout_s=100)
+    assert decide(o, FT, NOW + 69, config=cfg) == []
+    # ... but one after the startup bound, counted from the death
+    late = of(decide(o, FT, NOW + 71, config=cfg), RecordIncident)[0]
+    assert late.kind == "hang" and "replacement began" in late.detail["detail"]
+    # once replaced (a step completed since), the step bound applies again
+    back = running(last_step_at=NOW - 21, failures=(Failure("worker_died", NOW - 30, 1, 40, rank=1, recovered=True),))
+    assert of(decide(back, FT, NOW), RecordIncident)[0].kind == "hang"
+    # a failure the job does not answer in-attempt (no rank) does not extend the bound
+    stuck = running(last_step_at=NOW - 60, failures=(Failure("hang", NOW - 30, 1, 40, detail="step 41 stuck"),))
+    assert of(decide(stuck, FT, NOW), RecordIncident)[0].kind == "hang"
+
+
 def test_after_start_before_first_step_uses_the_step_timeout():
     o = running(attempt_started_at=NOW - 25, last_step_at=NOW - 500, attempt_submitted_at=NOW - 30)
     assert of(decide(o, FT, NOW), RecordIncident)[0].kind == "hang"
@@ -332,6 +352,45 @@ def test_node_with_repeated_failures_is_excluded():
     acts = decide(running(nodes=nodes), FT, NOW)
     assert of(acts, ExcludeNode) == [ExcludeNode("n1", "2 failures on this node (threshold 2)")]
     assert not of(acts, StopJob)  # the attempt does not run there
+
+
+def test_a_hang_behind_a_worker_death_on_a_node_is_counted_once():
+    from controlplane.supervisor.observe import node_fault_count
+
+    died = {"kind": "worker_died", "at": 10.0, "attempt": 1, "rank": 1, "node": "n1"}
+    stalled = {"kind": "hang", "at": 70.0, "attempt": 1, "node": "n1", "source": "supervisor"}
+    # the survivors stalled behind the death (or its slow replacement): one fault, not two
+    assert node_fault_count([died, stalled], "n1") == 1
+    # a hang the supervisor found in another attempt, or with no death reported there, counts
+    again = {**stalled, "attempt": 2, "at": 200.0}
+    assert node_fault_count([died, stalled, again], "n1") == 2
+    assert node_fault_count([stalled, again], "n1") == 2
+    # two ranks that died on the node are two failures (a machine that took them both)
+    assert node_fault_count([died, {**died, "rank": 0, "at": 11.0}], "n1") == 2
+    # only since the node was readmitted; not other nodes; not data faults
+    assert node_fault_count([died, again], "n1", since=100.0) == 1
+    assert node_fault_count([died, {**died, "node": "n0"}, {**died, "kind": "nan_loss"}], "n0") == 1
+
+
+def test_capacity_sees_an_attempt_that_only_the_exclusions_keep_out():
+    from controlplane.spec import RunSpec
+    from controlplane.supervisor.observe import capacity
+    from controlplane.supervisor.ports import ClusterView
+
+    spec = RunSpec.model_validate({"name": "r", "workers": {"num_workers": 2}})
+    nodes = (
+        {"node_id": "a", "alive": True, "resources_total": {"CPU": 4.0}},
+        {"node_id": "b", "alive": True, "resources_total": {"CPU": 4.0}},
+        {"node_id": "c", "alive": False, "resources_total": {"CPU": 4.0}},
+    )
+    # Ray reports no demand for a request a label selector keeps off every node
+    view = ClusterView(nodes, free={"CPU": 8.0}, pending=False)
+    assert capacity(spec, view, excluded=set()) is None  # room, nothing pending: no judgement
+    assert capacity(spec, view, excluded={"a"}) is None  # node b holds it
+    held = capacity(spec, view, excluded={"a", "b"})
+    assert held is not None and held.held_out() and not held.never_fits()
+    assert dict(held.free) == {"CPU": 0.0}  # what is free on excluded nodes is no use to it
+    assert "8 CPU on excluded nodes" in held.describe()
 
 
 def test_unhealthy_node_under_the_attempt_restarts_it_elsewhere():
@@ -473,6 +532,18 @@ def test_an_attempt_asking_more_than_the_cluster_has_fails_with_the_figures():
     fail = next(a for a in acts if isinstance(a, MarkFailed))
     assert fail.cause.startswith("unschedulable") and "4 CPU asked, 2 free of 2" in fail.cause
     assert StopJob(1, "unschedulable") in acts
+
+
+def test_an_attempt_only_the_exclusions_keep_out_waits_for_the_provision_bound_and_says_so():
+    # 4 CPUs asked; the nodes not excluded have 0, the excluded ones 8: a readmission (or a node
+    # replaced) would let it run, so it is not "more than the cluster has"
+    cap = ((("CPU", 4.0),), (("CPU", 0.0),), (("CPU", 0.0),), (("CPU", 8.0),))
+    cfg = PolicyConfig(unschedulable_after_s=60, provision_timeout_s=600)
+    assert decide(_waiting(cap, attempt_submitted_at=NOW - 500), FT, NOW, config=cfg) == []
+    acts = decide(_waiting(cap, attempt_submitted_at=NOW - 601), FT, NOW, config=cfg)
+    fail = next(a for a in acts if isinstance(a, MarkFailed))
+    assert "waited 601s for resources" in fail.cause and "4 CPU asked, 0 free of 0" in fail.cause
+    assert "8 CPU on excluded nodes" in fail.cause and "llmctl node readmit" in fail.cause
 
 
 def test_an_attempt_waiting_for_resources_another_run_holds_gives_up_after_the_bound():
