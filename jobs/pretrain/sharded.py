@@ -71,6 +71,26 @@ class Pending:
     future: Any  # None for a synchronous save (already written)
 
 
+_pinned: Any = None  # this process's stager of GPU state into pinned host memory
+
+
+def pinned_stager() -> Any:
+    """One stager for the worker's life on a GPU: the state is copied device-to-host into pinned
+    buffers, which its next saves reuse (DCP's default stager copies into pageable memory that
+    each save allocates anew). Staging stays synchronous at the step boundary; the write runs
+    in the background."""
+    global _pinned
+    if _pinned is None:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        _pinned = DefaultStager(
+            StagingOptions(
+                use_pinned_memory=True, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False
+            )
+        )
+    return _pinned
+
+
 def start_save(
     staging: Path, model, optimizer, group: Any, *, async_save: bool, fail_enospc: bool, step: int
 ) -> Pending:
@@ -79,7 +99,9 @@ def start_save(
     state = model_and_optim(model, optimizer)
     writer = (_FullDiskWriter if fail_enospc else FileSystemWriter)(str(staging))
     if async_save:
-        return Pending(step, staging, dcp.async_save(state, storage_writer=writer, process_group=group))
+        on_gpu = any(p.is_cuda for p in model.parameters())
+        stager = {"async_stager": pinned_stager()} if on_gpu else {}
+        return Pending(step, staging, dcp.async_save(state, storage_writer=writer, process_group=group, **stager))
     dcp.save(state, storage_writer=writer, process_group=group)
     return Pending(step, staging, None)
 
