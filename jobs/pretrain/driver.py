@@ -19,7 +19,7 @@ from controlplane.rundir import FencedError, RunDir
 from controlplane.spec import RunSpec, read_record
 from jobs.pretrain.events import EXIT_CRASH, EXIT_FENCED, EXIT_NUMERICAL, EXIT_OK, EventLog, JobExit
 from jobs.pretrain.placement import PLACE_TIMEOUT_S, WorkerFactory
-from jobs.pretrain.recovery import Pending, RecoveryMixin, Slot
+from jobs.pretrain.recovery import PROBE_S, Pending, RecoveryMixin, Slot
 from jobs.pretrain.schedule import NumericGuard, StragglerDetector
 from jobs.pretrain.world import WorldMixin
 
@@ -27,7 +27,6 @@ DEFAULT_INTERVAL = 25
 PIPELINE_DEPTH = 2
 HB_STALE_S = 6.0
 POLL_S = 0.5
-PROBE_S = 2.0  # a rank whose process does not answer a probe within this is hung
 SPARE_START_S = 120.0
 
 

@@ -8,10 +8,13 @@ README.md in this package for the protocol.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 from jobs.pretrain.events import EXIT_CRASH, JobExit
+
+PROBE_S = 2.0  # a rank whose process does not answer a probe within this is hung
 
 
 @dataclass
@@ -79,6 +82,7 @@ class RecoveryMixin:
                 self.slots[rank] = Slot(rank, actor, i["pid"], i["node_id"], i["node_ip"])
                 replaced.append(Pending(rank, old.pid, i["pid"], source, t_fail, t_detect, kind))
             dead = {}
+            self._abort_groups([r for r in survivors if r not in status])
             for r in survivors:  # ordered after any step still queued on the survivor
                 if r in status:
                     continue
@@ -107,6 +111,16 @@ class RecoveryMixin:
             last = {r: status[r]["last"] for r in survivors if (status[r]["last"] or {}).get("step") == src_step}
             caught_up = (src_step, last)
         return replaced, caught_up
+
+    def _abort_groups(self, ranks: list[int]) -> None:
+        """Before asking the survivors where they stand: on NCCL, each aborts its communicators
+        from its control thread, so a step stuck in a collective with the dead rank returns now,
+        and the status call behind it is not held for the group's timeout (a no-op on gloo)."""
+        import ray
+
+        refs = [self.slots[r].actor.abort_group.remote() for r in ranks]
+        with contextlib.suppress(Exception):  # a survivor that cannot answer is found by its status
+            ray.get(refs, timeout=PROBE_S)
 
     def _replicas_hold(self, lost: set[int], survivors: list[int], status: dict[int, dict]) -> bool:
         """HSDP: every lost rank's mesh position has a survivor in another replica group, and the

@@ -167,6 +167,19 @@ class TrainWorker(CheckpointMixin):
         step, since = self.in_step or (None, None)
         return {"pid": os.getpid(), "rank": self.rank, "step": self.counters.step, "in_step": step, "since": since}
 
+    @ray.method(concurrency_group=CONTROL)
+    def abort_group(self) -> bool:
+        """On NCCL, from the control thread while a step may hold the actor: abort this rank's
+        communicators, so that a collective a dead peer left pending raises in the step (which
+        then answers "process group broken") instead of waiting out the group's timeout. gloo
+        needs none: the dead peer's closed sockets fail the collective. True if it aborted."""
+        if self.backend != "nccl" or not dist.is_initialized():
+            return False
+        with contextlib.suppress(Exception):
+            dist.distributed_c10d._abort_process_group()
+        self.broken = True
+        return True
+
     def status(self) -> dict[str, Any]:
         return {
             "rank": self.rank,
@@ -189,6 +202,10 @@ class TrainWorker(CheckpointMixin):
         built = self.sharded and keep and self.rank is not None and hasattr(self, "model")
         snap = sharded.local_state(self.model, self.optimizer, self.scheduler, self.counters) if built else None
         self._drop_group()
+        if self.backend == "nccl":
+            # a collective that times out aborts its communicators and raises in the step (a
+            # broken group the driver re-forms), rather than the watchdog killing the process
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         if world > 1 or self.sharded:
             dist.init_process_group(
                 self.backend,
