@@ -32,7 +32,7 @@ import httpx
 
 from controlplane.errors import LlmctlError, RetryableError, UserError
 from controlplane.procs import free_port, pid_alive
-from controlplane.ray_settings import RAY_PROCESS_ENV
+from controlplane.ray_settings import LOCAL_CLUSTER_ENV, RAY_PROCESS_ENV
 from controlplane.rundir import RunDir, write_atomic
 from controlplane.spec import ClusterSpec
 
@@ -96,7 +96,7 @@ def ray_env(token_file: Path, only_ray: bool = False) -> dict[str, str]:
     """Environment for Ray processes and clients of this cluster: token auth on, loopback only
     (this machine is 127.0.0.1 to Ray: see ray_launch). `only_ray`: just the RAY_ variables."""
     env = {} if only_ray else {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
-    return {**env, **RAY_PROCESS_ENV, "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return {**env, **RAY_PROCESS_ENV, **LOCAL_CLUSTER_ENV, "RAY_AUTH_TOKEN_PATH": str(token_file)}
 
 
 def read_state(cluster: ClusterSpec) -> LocalClusterState | None:

@@ -17,3 +17,10 @@ SERVE_PROXY_ENV = {
 
 # Token authentication on, no usage reports, the proxies' bounds.
 RAY_PROCESS_ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", **SERVE_PROXY_ENV}
+
+# The local cluster (`cluster up`: every node on this machine, which also trains and serves):
+# Ray's GCS marks a raylet dead after 5 missed 3 s health checks, and on a host whose cores are
+# all busy training a raylet can miss that many without being dead; a false death kills every
+# worker on it. Ten (about 30 s) is what a loaded workstation needs; a killed raylet is still
+# found dead within that, and Kubernetes nodes keep Ray's defaults.
+LOCAL_CLUSTER_ENV = {"RAY_health_check_failure_threshold": "10", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}

@@ -14,7 +14,7 @@ from typing import Any
 
 from jobs.pretrain.events import EXIT_CRASH, JobExit
 
-PROBE_S = 2.0  # a rank whose process does not answer a probe within this is hung
+PROBE_S = 5.0  # a rank whose process does not answer a probe within this is hung (2 s: false hangs on a loaded host)
 
 
 @dataclass
