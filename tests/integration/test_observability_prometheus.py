@@ -124,7 +124,8 @@ def stack(ray_home, dataset_dir, tmp_path_factory):
         closers.append(serve_log.close)
         procs.append(subprocess.Popen(cmd, env=serve_env, stdout=serve_log, stderr=subprocess.STDOUT))
         serve_url = f"http://127.0.0.1:{serve_port}"
-        wait_for(lambda: _healthy(serve_url), 300, "the serving replica to load its model (a vLLM engine)")
+        # a vLLM engine on a CPU took 4.5 min to load this model beside the training stream's jobs
+        wait_for(lambda: _healthy(serve_url), 600, "the serving replica to load its model (a vLLM engine)")
         stop_client = threading.Event()
         client = threading.Thread(target=_client, args=(serve_url, exported.version, stop_client), daemon=True)
         client.start()
