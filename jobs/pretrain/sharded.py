@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,24 +72,18 @@ class Pending:
     future: Any  # None for a synchronous save (already written)
 
 
-_pinned: Any = None  # this process's stager of GPU state into pinned host memory
-
-
+@functools.cache
 def pinned_stager() -> Any:
     """One stager for the worker's life on a GPU: the state is copied device-to-host into pinned
     buffers, which its next saves reuse (DCP's default stager copies into pageable memory that
     each save allocates anew). Staging stays synchronous at the step boundary; the write runs
     in the background."""
-    global _pinned
-    if _pinned is None:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-        _pinned = DefaultStager(
-            StagingOptions(
-                use_pinned_memory=True, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False
-            )
-        )
-    return _pinned
+    options = StagingOptions(
+        use_pinned_memory=True, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False
+    )
+    return DefaultStager(options)
 
 
 def start_save(

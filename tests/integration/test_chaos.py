@@ -86,16 +86,15 @@ class SupervisorProcess:
 
 
 @pytest.fixture(scope="module")
-def supervisor(ray_home):
+def supervisor(ray_home, module_ctx):
     sup = SupervisorProcess(ray_home)
     sup.start()
     yield sup
     sup.kill(signal.SIGTERM)
     # a run a failed case left behind would hold the session cluster from the next modules
-    ctx = Context(ClusterSpec(storage=StorageSpec(root=str(ray_home))))
-    for run in ctx.ledger.list_runs():
+    for run in module_ctx.ledger.list_runs():
         if run["run_id"].startswith("chaos-"):
-            stop_run(ctx, run["run_id"], "the chaos module ended")
+            stop_run(module_ctx, run["run_id"], "the chaos module ended")
 
 
 @pytest.fixture
@@ -151,9 +150,9 @@ def tidy(case: Callable[[Context], None]) -> Callable[[Context], None]:
         except BaseException:
             for run_id in _submitted.runs:
                 stop_run(ctx, run_id, "the chaos case failed")
-                for record in store.node_records(ctx.ledger):
-                    if record["excluded"] and record.get("run_id") == run_id:
-                        store.readmit_node(ctx.ledger, record["node"])
+            for record in store.node_records(ctx.ledger):
+                if record["excluded"] and record.get("run_id") in _submitted.runs:
+                    store.readmit_node(ctx.ledger, record["node"])
             raise
 
     return run
