@@ -107,9 +107,19 @@ def stack(ray_home, dataset_dir, tmp_path_factory):
         uuids = [(i, fake_a.gpu(i).uuid) for i in range(4)]
         assignment = assign_gpus(ray_home, "node-a", run_id, uuids, attempt=1)
         closers.append(assignment.release)
-        # ... and the worker-side energy meter measures them into the run directory (J/token).
+        # ... and the worker-side energy meter measures them into the run directory (J/token) and keeps
+        # the assignment fresh, as a worker's does: the exporter ignores one not refreshed for 120 s.
         fake_a.set_all_loads(0.9)
-        meter = EnergyMeter(run_dir.path, 1, "node-a", [0, 1, 2, 3], nvml=fake_a, interval_s=0.25, flush_every_s=1.0)
+        meter = EnergyMeter(
+            run_dir.path,
+            1,
+            "node-a",
+            [0, 1, 2, 3],
+            nvml=fake_a,
+            interval_s=0.25,
+            flush_every_s=1.0,
+            assignment=assignment,
+        )
         closers.append(meter.start().stop)
 
         # A serving replica of the run's first checkpoint (standalone, as a serving pod runs it), with a
