@@ -70,7 +70,8 @@ def make_run(root: Path, dataset: Path, name: str, **overrides) -> RunDir:
 
 def run_job(rd: RunDir, attempt: int, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "jobs.pretrain", "--run-dir", str(rd.path), "--attempt", str(attempt), *extra]
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    # a bound, not an expectation: beside the other stream's vLLM engines one start took 240 s
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=480)
 
 
 def by_type(rd: RunDir, type_: str) -> list[dict]:
