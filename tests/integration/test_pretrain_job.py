@@ -29,6 +29,9 @@ from controlplane.spec import ClusterSpec, RunSpec, StorageSpec
 pytestmark = [pytest.mark.integration, pytest.mark.training]
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 30
+# How long one training job may take, start to end: a bound, not an expectation. Beside the other
+# stream's vLLM engines one job's first step came 240 s after its driver started.
+JOB_TIMEOUT_S = 480
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +73,7 @@ def make_run(root: Path, dataset: Path, name: str, **overrides) -> RunDir:
 
 def run_job(rd: RunDir, attempt: int, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "jobs.pretrain", "--run-dir", str(rd.path), "--attempt", str(attempt), *extra]
-    # a bound, not an expectation: beside the other stream's vLLM engines one start took 240 s
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=480)
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
 
 
 def by_type(rd: RunDir, type_: str) -> list[dict]:
@@ -273,7 +275,12 @@ def test_a_probe_is_answered_while_a_step_blocks_the_worker(ray_env, dataset, tm
         faults=[{"kind": "slow_worker", "at_step": 1, "rank": 0, "seconds": 30}],
     )  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, str(rd.path)], env=ray_env, cwd=REPO, capture_output=True, text=True, timeout=240
+        [sys.executable, "-c", PROBE, str(rd.path)],
+        env=ray_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

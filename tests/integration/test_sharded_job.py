@@ -236,7 +236,7 @@ def test_a_world_shrinks_to_the_places_left_and_grows_back(zero3, ray_env, datas
         finally:
             hold.kill()
             hold.wait(timeout=30)
-        _, err = job.communicate(timeout=240)
+        _, err = job.communicate(timeout=pj.JOB_TIMEOUT_S)
     finally:
         if hold.poll() is None:
             hold.kill()
