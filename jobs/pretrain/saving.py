@@ -18,8 +18,10 @@ from typing import Any
 
 from controlplane import checkpoint as ckpt
 from controlplane.rundir import FencedError
-from jobs.pretrain import sharded
-from jobs.pretrain import state as st
+from jobs.pretrain.lazy import lazy
+
+sharded = lazy("jobs.pretrain.sharded")  # imported at first use (see lazy.py)
+st = lazy("jobs.pretrain.state")
 
 
 class CheckpointMixin:

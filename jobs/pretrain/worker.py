@@ -29,20 +29,23 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 from controlplane.rundir import FencedError, RunDir
 from controlplane.spec import RunSpec, read_record
-from jobs.pretrain import parallelize as pz
-from jobs.pretrain import sharded
-from jobs.pretrain import state as st
 from jobs.pretrain.dataset import dataset_meta, open_train_data
 from jobs.pretrain.events import EventLog
+from jobs.pretrain.lazy import lazy
 from jobs.pretrain.logs import capture as capture_output
 from jobs.pretrain.saving import CheckpointMixin, Writer
 from jobs.pretrain.schedule import advance_cursor, skip_forward
+
+# Imported in the worker's process at first use: the driver defines this class without them.
+torch = lazy("torch")
+dist = lazy("torch.distributed")
+F = lazy("torch.nn.functional")
+pz = lazy("jobs.pretrain.parallelize")
+sharded = lazy("jobs.pretrain.sharded")  # DCP: only a sharded run's ranks import it
+st = lazy("jobs.pretrain.state")
 
 HEARTBEAT_S = 1.0
 CONTROL = "control"  # Ray concurrency group of the calls answered while a step blocks the actor
