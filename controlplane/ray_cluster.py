@@ -220,6 +220,11 @@ def add_worker_node(cluster: ClusterSpec, num_cpus: int = 1, index: int | None =
             "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
             "--dashboard-agent-listen-port", str(ports["agent"]), "--metrics-export-port", str(ports["metrics"]),
             "--resources", json.dumps({resource: 1}),
+            # every node of this cluster is on this machine and writes under the head's session
+            # directory, which the head's log monitor already reads: a second one on the same
+            # files sends each worker line to its driver twice and globs the directory 10 times a
+            # second for nothing (Ray: one log monitor per physical host)
+            "--include-log-monitor", "false",
         ]  # fmt: skip
         node = NodeProc(_start_node(cmd, ray_env(Path(state.token_file)), log), "worker", str(log), ports)
         _save_state(cluster, replace(state, nodes=[*state.nodes, node]))
