@@ -1,5 +1,5 @@
-"""Local processes: is one alive (by pid, read from /proc where there is one), and a free
-port to start one on.
+"""Local processes: is one alive (by pid, read from /proc where there is one), stopping a
+process group, and a free port to start one on.
 
 A zombie counts as dead (its parent has not reaped it yet), and a pid that was reused by a new
 process is told apart by the start time recorded with it (`proc_start`).
@@ -7,8 +7,11 @@ process is told apart by the start time recorded with it (`proc_start`).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import time
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -40,6 +43,30 @@ def pid_alive(pid: int, start: str | None = None) -> bool:
     if fields[0] == "Z":
         return False
     return start is None or (len(fields) > 19 and fields[19] == start)
+
+
+def group_alive(pgid: int) -> bool:
+    """A process other than a zombie is in process group `pgid` (read from /proc)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields and len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+                return True
+    return False
+
+
+def stop_group(pid: int, timeout: float) -> None:
+    """SIGTERM the process group led by `pid`, then SIGKILL what is left after `timeout` s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            if not pid_alive(pid) and not group_alive(pid):
+                return
+            time.sleep(0.1)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 from controlplane.errors import LlmctlError, RetryableError, UserError
-from controlplane.procs import free_port, pid_alive
+from controlplane.procs import free_port, pid_alive, stop_group
 from controlplane.ray_settings import LOCAL_CLUSTER_ENV, RAY_PROCESS_ENV
 from controlplane.rundir import RunDir, write_atomic
 from controlplane.spec import ClusterSpec
@@ -117,32 +117,6 @@ def _dashboard_ok(url: str, token: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _kill_group(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM the process group led by `pid`, then SIGKILL what is left after `timeout`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
-        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5.0)
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-            if not pid_alive(pid) and not _group_alive(pid):
-                return
-            time.sleep(0.1)
-
-
-def _group_alive(pgid: int) -> bool:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().split(") ", 1)[1].split()
-                if int(fields[2]) == pgid and fields[0] != "Z":
-                    return True
-            except (OSError, IndexError, ValueError):
-                continue
-    return False
-
-
 def _start_node(cmd: list[str], env: dict[str, str], log: Path) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as f:
@@ -221,9 +195,9 @@ def add_worker_node(cluster: ClusterSpec, num_cpus: int = 1, index: int | None =
             "--dashboard-agent-listen-port", str(ports["agent"]), "--metrics-export-port", str(ports["metrics"]),
             "--resources", json.dumps({resource: 1}),
             # every node of this cluster is on this machine and writes under the head's session
-            # directory, which the head's log monitor already reads: a second one on the same
-            # files sends each worker line to its driver twice and globs the directory 10 times a
-            # second for nothing (Ray: one log monitor per physical host)
+            # directory, which the head's log monitor already reads; a second one would read the
+            # same files (Ray: one log monitor per physical host, to avoid log duplication on the
+            # driver) and glob the directory 10 times a second
             "--include-log-monitor", "false",
         ]  # fmt: skip
         node = NodeProc(_start_node(cmd, ray_env(Path(state.token_file)), log), "worker", str(log), ports)
@@ -234,7 +208,7 @@ def add_worker_node(cluster: ClusterSpec, num_cpus: int = 1, index: int | None =
         except RetryableError:
             if not tries_left or pid_alive(node.pid):
                 raise
-            _kill_group(node.pid)  # whatever it started before it gave up; `state` is without it
+            stop_group(node.pid, STOP_TIMEOUT_S)  # whatever it started before it gave up; `state` is without it
             _save_state(cluster, state)
     raise AssertionError("unreachable")  # the second try returned or raised
 
@@ -279,7 +253,7 @@ def down(cluster: ClusterSpec) -> bool:
         return False
     was_running = any(pid_alive(n.pid) for n in state.nodes)
     for node in reversed(state.nodes):
-        _kill_group(node.pid)
+        stop_group(node.pid, STOP_TIMEOUT_S)
     path.unlink(missing_ok=True)
     if state.temp_dir and Path(state.temp_dir).name.startswith("llmctl-ray-"):
         shutil.rmtree(state.temp_dir, ignore_errors=True)
