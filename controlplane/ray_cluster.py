@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import httpx
 
 from controlplane.errors import LlmctlError, RetryableError, UserError
 from controlplane.procs import free_port, pid_alive, stop_group
+from controlplane.ray_launch import start_failure
 from controlplane.ray_settings import LOCAL_CLUSTER_ENV, RAY_PROCESS_ENV
 from controlplane.rundir import RunDir, write_atomic
 from controlplane.spec import ClusterSpec
@@ -140,42 +142,58 @@ def up(cluster: ClusterSpec, num_cpus: int | None = None, worker_nodes: int | No
     env = ray_env(token_file)
     num_cpus = num_cpus or os.cpu_count() or 2
     worker_nodes = cluster.ray.worker_nodes if worker_nodes is None else worker_nodes
-    temp_dir = tempfile.mkdtemp(prefix="llmctl-ray-")
     host = cluster.ray.dashboard_host
-    gcs_port, dash_port = free_port(), cluster.ray.dashboard_port or free_port()
-    common = ["--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir]
-    nodes: list[NodeProc] = []
     log_dir = _cluster_dir(cluster) / "logs"
+    token = token_file.read_text().strip()
+    # a port picked free is taken by another process now and then before Ray binds it (two
+    # clusters starting side by side, any process's outgoing connection): a head that exits
+    # during start is started once more on fresh ports
+    for tries_left in (1, 0):
+        state = _start_head(cluster, token_file, env, num_cpus, host, log_dir)
+        head = state.nodes[0]
+        try:
+            _wait(partial(_dashboard_ok, state.dashboard_url, token), "Ray head", head.pid, head.log)
+            break
+        except RetryableError:
+            if not tries_left or pid_alive(head.pid):
+                raise
+            down(cluster)  # whatever it started before it gave up, and its temp dir
+    for i in range(worker_nodes):
+        add_worker_node(cluster, num_cpus=max(1, num_cpus // max(1, worker_nodes)), index=i + 1)
+    return read_state(cluster) or state
+
+
+def _start_head(
+    cluster: ClusterSpec, token_file: Path, env: dict[str, str], num_cpus: int, host: str, log_dir: Path
+) -> LocalClusterState:
+    temp_dir = tempfile.mkdtemp(prefix="llmctl-ray-")
     ports = {
-        "gcs": gcs_port,
-        "dashboard": dash_port,
+        "gcs": free_port(),
+        "dashboard": cluster.ray.dashboard_port or free_port(),
         "client": free_port(),
         "agent": free_port(),
         "metrics": free_port(),
     }
     head_cmd = [
-        *_ray_start(), "--head", *common,
-        "--port", str(gcs_port), "--num-cpus", str(num_cpus),
-        "--include-dashboard", "true", "--dashboard-host", host, "--dashboard-port", str(dash_port),
+        *_ray_start(), "--head", "--block", "--disable-usage-stats",
+        "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir,
+        "--port", str(ports["gcs"]), "--num-cpus", str(num_cpus),
+        "--include-dashboard", "true", "--dashboard-host", host, "--dashboard-port", str(ports["dashboard"]),
         "--ray-client-server-port", str(ports["client"]),
         "--dashboard-agent-listen-port", str(ports["agent"]), "--metrics-export-port", str(ports["metrics"]),
     ]  # fmt: skip
-    nodes.append(NodeProc(_start_node(head_cmd, env, log_dir / "head.log"), "head", str(log_dir / "head.log"), ports))
+    log = log_dir / "head.log"
     state = LocalClusterState(
-        gcs_address=f"127.0.0.1:{gcs_port}",
-        dashboard_url=f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{dash_port}",
+        gcs_address=f"127.0.0.1:{ports['gcs']}",
+        dashboard_url=f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{ports['dashboard']}",
         temp_dir=temp_dir,
         token_file=str(token_file),
         started_at=time.time(),
         num_cpus=num_cpus,
-        nodes=nodes,
+        nodes=[NodeProc(_start_node(head_cmd, env, log), "head", str(log), ports)],
     )
-    _save_state(cluster, state)  # recorded at once: a failure below still lets `down` clean up
-    token = token_file.read_text().strip()
-    _wait(lambda: _dashboard_ok(state.dashboard_url, token), f"Ray head (log: {nodes[0].log})", nodes[0].pid)
-    for i in range(worker_nodes):
-        add_worker_node(cluster, num_cpus=max(1, num_cpus // max(1, worker_nodes)), index=i + 1)
-    return read_state(cluster) or state
+    _save_state(cluster, state)  # recorded at once: a failure later still lets `down` clean up
+    return state
 
 
 def add_worker_node(cluster: ClusterSpec, num_cpus: int = 1, index: int | None = None) -> NodeProc:
@@ -203,7 +221,7 @@ def add_worker_node(cluster: ClusterSpec, num_cpus: int = 1, index: int | None =
         node = NodeProc(_start_node(cmd, ray_env(Path(state.token_file)), log), "worker", str(log), ports)
         _save_state(cluster, replace(state, nodes=[*state.nodes, node]))
         try:  # known by its own resource: counting alive nodes is fooled by a node dying meanwhile
-            _wait(lambda: _alive_with(cluster, resource), f"Ray worker node (log: {log})", node.pid)
+            _wait(lambda: _alive_with(cluster, resource), "Ray worker node", node.pid, str(log))
             return node
         except RetryableError:
             if not tries_left or pid_alive(node.pid):
@@ -229,15 +247,15 @@ def _alive_with(cluster: ClusterSpec, resource: str) -> bool:
         return False
 
 
-def _wait(check: Any, what: str, pid: int, timeout: float = START_TIMEOUT_S) -> None:
+def _wait(check: Any, what: str, pid: int, log: str, timeout: float = START_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
         if not pid_alive(pid):
-            raise RetryableError(f"{what} exited during start")
+            raise RetryableError(f"{what} exited during start: {start_failure(Path(log))} (log: {log})")
         time.sleep(0.5)
-    raise RetryableError(f"{what} did not come up within {timeout:.0f}s")
+    raise RetryableError(f"{what} did not come up within {timeout:.0f}s (log: {log})")
 
 
 def _save_state(cluster: ClusterSpec, state: LocalClusterState) -> None:

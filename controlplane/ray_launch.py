@@ -15,8 +15,27 @@ Run as `python -m controlplane.ray_launch start ...` (the arguments of `ray star
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+_FAILURE_MARKS = ("Check failed:", "Address already in use", "Error:", "error:")
+
+
+def start_failure(log: Path, limit: int = 240) -> str:
+    """The line of a `ray start` log that says why it stopped: Ray's own check failure (it names
+    the port) before the Python traceback's last line; the log's last line if none matches."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "its log is unreadable"
+    for mark in _FAILURE_MARKS:
+        hits = [ln for ln in lines if mark in ln]
+        if hits:
+            line = hits[-1]  # Ray's check failure is at the end of a long log line
+            return line[line.index(mark) if mark == "Check failed:" else 0 :][:limit]
+    return lines[-1][:limit] if lines else "its log is empty"
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import select
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ import psutil
 import pytest
 
 from controlplane import ray_cluster
+from controlplane.procs import free_port
 from controlplane.spec import ClusterSpec, StorageSpec
 
 pytestmark = pytest.mark.integration
@@ -100,3 +102,41 @@ def test_every_socket_of_the_local_cluster_is_on_loopback(ray_home):
     assert any(pid == actor_pid for _, pid, _, _ in sockets), "the actor's worker listens too"
     wide = [s for s in sockets if not _is_loopback(s[2])]
     assert not wide, "listening beyond loopback:\n" + "\n".join(json.dumps(s) for s in wide)
+
+
+def test_a_head_that_exits_on_a_taken_port_is_started_again_on_fresh_ports(tmp_path, monkeypatch):
+    """A port picked free can be taken before Ray binds it (two clusters starting side by side):
+    the head that exits for it is stopped and started once more, and nothing of it is left."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    picked: list[int] = []
+    heads: list[ray_cluster.LocalClusterState] = []
+    start_head = ray_cluster._start_head
+
+    def free_port_with_one_taken() -> int:  # the first head's second port (its dashboard) is taken
+        port = taken if len(picked) == 1 else free_port()
+        picked.append(port)
+        return port
+
+    def recorded_start_head(*args):
+        heads.append(start_head(*args))
+        return heads[-1]
+
+    monkeypatch.setattr(ray_cluster, "free_port", free_port_with_one_taken)
+    monkeypatch.setattr(ray_cluster, "_start_head", recorded_start_head)
+    cluster = ClusterSpec(storage=StorageSpec(root=str(tmp_path)))
+    try:
+        state = ray_cluster.up(cluster, num_cpus=1, worker_nodes=0)
+        assert len(heads) == 2 and taken in heads[0].nodes[0].ports.values()
+        assert taken not in state.nodes[0].ports.values(), "the second head runs on fresh ports"
+        assert ray_cluster._dashboard_ok(state.dashboard_url, Path(state.token_file).read_text().strip())
+        assert f"127.0.0.1:{taken}" in Path(state.nodes[0].log).read_text(), "the first head's output is kept"
+        first = heads[0]
+        assert not Path(first.temp_dir).exists(), "the first head's temp dir went"
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if first.temp_dir in " ".join(p.info["cmdline"] or [])]
+        assert not left, f"processes of the first head are left: {left}"
+    finally:
+        ray_cluster.down(cluster)
+        holder.close()
