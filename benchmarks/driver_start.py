@@ -1,12 +1,12 @@
 """CPU a training driver spends on imports before its first Ray call, against a rank's.
 
 Every attempt starts a driver, and a driver that restarts after a crash is on the recovery
-path. It defines the worker actor class, but a rank's heavy imports (torch, transformers,
-FSDP, DCP) are deferred to the worker process (`jobs/pretrain/lazy.py`). This imports, each
+path. It defines the worker actor class, but a rank's heavy imports (torch, FSDP, DCP) are
+deferred to the worker process (`jobs/pretrain/lazy.py`). This imports, each
 in a fresh interpreter, `--repeat` times:
 
 - baseline: what a rank imports before it builds its model (`jobs.pretrain.worker` with its
-  deferred modules, transformers' LlamaConfig and LlamaForCausalLM);
+  deferred modules, the model and FSDP);
 - driver: what the driver imports (`jobs.pretrain.entry`, `placement`, the `TrainWorker` class).
 
 Prints the median user+system CPU-seconds of each and the ratio driver / baseline (goal <= 0.3:
@@ -27,12 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 DRIVER = "import jobs.pretrain.entry, jobs.pretrain.placement\nfrom jobs.pretrain.worker import TrainWorker"
-RANK = (
-    f"{DRIVER}\n"
-    "from jobs.pretrain import parallelize, sharded, state\n"
-    "from transformers import LlamaConfig, LlamaForCausalLM\n"
-    "LlamaForCausalLM"
-)
+RANK = f"{DRIVER}\nfrom jobs.pretrain import llama, parallelize, sharded, state\nimport torch.distributed.fsdp"
 
 
 def cpu_seconds(code: str) -> float:

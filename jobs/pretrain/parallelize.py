@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 
 from controlplane.spec import ParallelismSpec
+from jobs.pretrain.llama import INITIALIZER_RANGE
 
-INIT_STD = 0.02  # LlamaConfig.initializer_range
+INIT_STD = INITIALIZER_RANGE
 _WRAPPED = "_checkpoint_wrapped_module."
 
 
@@ -89,7 +90,7 @@ def apply_fsdp(model: torch.nn.Module, mesh: Any, zero_stage: int, mp: Any) -> N
 
 def build(config: Any, seed: int, device: torch.device, par: ParallelismSpec, mesh: Any, precision: str = "auto"):
     """The model, parallelised as `par` says, its local part materialised on `device` and seeded."""
-    from transformers import LlamaForCausalLM
+    from jobs.pretrain.llama import LlamaForCausalLM
 
     with torch.device("meta"):
         model = LlamaForCausalLM(config)

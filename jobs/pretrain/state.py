@@ -42,7 +42,7 @@ RNG_FILE = "rng.pt"
 
 
 def llama_config(dims: LlamaDims, bos_id: int | None = None, eos_id: int | None = None):
-    from transformers import LlamaConfig
+    from jobs.pretrain.llama import LlamaConfig
 
     return LlamaConfig(
         vocab_size=dims.vocab_size,
@@ -56,7 +56,6 @@ def llama_config(dims: LlamaDims, bos_id: int | None = None, eos_id: int | None 
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=eos_id,
-        attention_dropout=0.0,
     )
 
 

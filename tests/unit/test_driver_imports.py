@@ -34,3 +34,16 @@ def test_a_lazy_module_imports_at_first_use_and_is_the_module():
 
     assert mod.JSONDecoder is json.decoder.JSONDecoder
     assert "imported" in repr(mod) and "not" not in repr(mod)
+
+
+def test_a_rank_builds_steps_and_saves_its_model_without_transformers():
+    loaded = _imported_after(
+        "import torch\n"
+        "from controlplane.spec import ModelSpec, ParallelismSpec\n"
+        "from jobs.pretrain import parallelize as pz, saving, sharded, state as st\n"
+        "config = st.llama_config(ModelSpec(preset='tiny').resolve(vocab_size=64, max_seq_len=16), 1, 0)\n"
+        "model = pz.build(config, 0, torch.device('cpu'), ParallelismSpec(), None)\n"
+        "model(input_ids=torch.zeros(1, 8, dtype=torch.long)).logits.sum().backward()\n"
+        "json.dumps(config.to_dict())"
+    )
+    assert loaded["torch"] and not loaded["transformers"]
