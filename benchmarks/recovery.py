@@ -7,7 +7,7 @@ there reloads the newest verified checkpoint in place (the dead rank's shards ar
 survivor's memory), and the sharded saves give the DCP async vs sync blocking ratio.
 
 Everything runs in this invocation, on one local Ray cluster (token auth on), with the same
-tiny Llama model (transformers LlamaForCausalLM, `tiny` preset), 2 CPU workers, the same
+tiny Llama model (`jobs/pretrain/llama.py`, `tiny` preset), 2 CPU workers, the same
 global batch and sequence length:
 
 - llmctl, tier 1: a worker is SIGKILLed at step K (the job's `kill_worker` drill); the job

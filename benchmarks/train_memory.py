@@ -43,8 +43,7 @@ def local_bytes(t: torch.Tensor) -> int:
 
 
 def worker(rank: int, port: int, stage: int, dims_kw: dict, seq: int, micro: int, out: dict) -> None:
-    from transformers import LlamaForCausalLM  # noqa: F401 (imported before the baseline)
-
+    from jobs.pretrain import llama  # noqa: F401 (imported before the baseline)
     from jobs.pretrain import parallelize as pz
     from jobs.pretrain import state as st
 
