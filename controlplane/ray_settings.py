@@ -23,4 +23,13 @@ RAY_PROCESS_ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", **S
 # all busy training a raylet can miss that many without being dead; a false death kills every
 # worker on it. Ten (about 30 s) is what a loaded workstation needs; a killed raylet is still
 # found dead within that, and Kubernetes nodes keep Ray's defaults.
-LOCAL_CLUSTER_ENV = {"RAY_health_check_failure_threshold": "10", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+#
+# A raylet also starts Python workers ahead of a driver's first task, with no runtime env. Every
+# llmctl job, Serve app and Ray Data pipeline runs with one (its PYTHONPATH), so none of them can
+# use those workers: each is a Python process importing Ray (about 0.7 CPU-s) for nothing, two
+# when a driver connects, on a machine whose cores are what a laptop run is short of.
+LOCAL_CLUSTER_ENV = {
+    "RAY_health_check_failure_threshold": "10",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_prestart_worker_first_driver": "0",
+}

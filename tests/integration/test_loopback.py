@@ -9,12 +9,14 @@ a client of the cluster reaches it on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import select
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -75,9 +77,9 @@ def _bound_sockets(procs: list[psutil.Process]) -> list[tuple[str, int, str, int
     return out
 
 
-def test_every_socket_of_the_local_cluster_is_on_loopback(ray_home):
-    state = ray_cluster.read_state(ClusterSpec(storage=StorageSpec(root=str(ray_home))))
-    assert state is not None and len(state.nodes) >= 2, "the session cluster has a head and a worker node"
+@contextlib.contextmanager
+def _driver_with_an_actor(state: ray_cluster.LocalClusterState):
+    """A driver connected to the cluster by its recorded GCS address, holding one actor: its pid."""
     env = {**ray_cluster.ray_env(Path(state.token_file)), "RAY_ADDRESS": state.gcs_address}
     driver = subprocess.Popen(
         [sys.executable, "-c", DRIVER], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -86,10 +88,7 @@ def test_every_socket_of_the_local_cluster_is_on_loopback(ray_home):
         ready, _, _ = select.select([driver.stdout], [], [], 120)
         line = driver.stdout.readline() if ready else ""
         assert line.strip().isdigit(), f"the driver did not reach the cluster at {state.gcs_address}"
-        actor_pid = int(line)
-        procs = _cluster_processes(state)
-        assert actor_pid in {p.pid for p in procs}, "the actor runs under a node that `cluster up` started"
-        sockets = _bound_sockets(procs)
+        yield int(line)
     finally:
         driver.stdin.close()
         try:
@@ -97,6 +96,20 @@ def test_every_socket_of_the_local_cluster_is_on_loopback(ray_home):
         except subprocess.TimeoutExpired:
             driver.kill()
             driver.wait(timeout=10)
+
+
+def _session_state(ray_home) -> ray_cluster.LocalClusterState:
+    state = ray_cluster.read_state(ClusterSpec(storage=StorageSpec(root=str(ray_home))))
+    assert state is not None and len(state.nodes) >= 2, "the session cluster has a head and a worker node"
+    return state
+
+
+def test_every_socket_of_the_local_cluster_is_on_loopback(ray_home):
+    state = _session_state(ray_home)
+    with _driver_with_an_actor(state) as actor_pid:
+        procs = _cluster_processes(state)
+        assert actor_pid in {p.pid for p in procs}, "the actor runs under a node that `cluster up` started"
+        sockets = _bound_sockets(procs)
     names = {name for name, *_ in sockets}
     assert {"gcs_server", "raylet"} <= names, f"the listing saw Ray's servers: {sorted(names)}"
     assert any(pid == actor_pid for _, pid, _, _ in sockets), "the actor's worker listens too"
@@ -104,9 +117,13 @@ def test_every_socket_of_the_local_cluster_is_on_loopback(ray_home):
     assert not wide, "listening beyond loopback:\n" + "\n".join(json.dumps(s) for s in wide)
 
 
-def test_a_head_that_exits_on_a_taken_port_is_started_again_on_fresh_ports(tmp_path, monkeypatch):
+def test_a_head_that_exits_on_a_taken_port_is_started_again_and_starts_no_idle_workers(tmp_path, monkeypatch):
     """A port picked free can be taken before Ray binds it (two clusters starting side by side):
-    the head that exits for it is stopped and started once more, and nothing of it is left."""
+    the head that exits for it is stopped and started once more, and nothing of it is left.
+
+    On that fresh cluster, a driver holding one actor has started one worker process: Ray
+    prestarts workers without a runtime env when a driver connects, which no llmctl job, Serve
+    app or Ray Data pipeline can use (each has its PYTHONPATH), so the local cluster starts none."""
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
     holder.listen()
@@ -128,7 +145,7 @@ def test_a_head_that_exits_on_a_taken_port_is_started_again_on_fresh_ports(tmp_p
     monkeypatch.setattr(ray_cluster, "_start_head", recorded_start_head)
     cluster = ClusterSpec(storage=StorageSpec(root=str(tmp_path)))
     try:
-        state = ray_cluster.up(cluster, num_cpus=1, worker_nodes=0)
+        state = ray_cluster.up(cluster, num_cpus=2, worker_nodes=0)
         assert len(heads) == 2 and taken in heads[0].nodes[0].ports.values()
         assert taken not in state.nodes[0].ports.values(), "the second head runs on fresh ports"
         assert ray_cluster._dashboard_ok(state.dashboard_url, Path(state.token_file).read_text().strip())
@@ -137,6 +154,14 @@ def test_a_head_that_exits_on_a_taken_port_is_started_again_on_fresh_ports(tmp_p
         assert not Path(first.temp_dir).exists(), "the first head's temp dir went"
         left = [p.pid for p in psutil.process_iter(["cmdline"]) if first.temp_dir in " ".join(p.info["cmdline"] or [])]
         assert not left, f"processes of the first head are left: {left}"
+
+        with _driver_with_an_actor(state) as actor_pid:
+            time.sleep(3.0)  # prestarted workers come within a second of the driver's registration
+            workers = {p.pid: p.name() for p in _cluster_processes(state) if p.name().startswith("ray::")}
+        workers = {
+            pid: name for pid, name in workers.items() if name not in ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+        }
+        assert list(workers) == [actor_pid], f"worker processes for a driver with one actor: {workers}"
     finally:
         ray_cluster.down(cluster)
         holder.close()
