@@ -25,9 +25,9 @@ RAY_PROCESS_ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", **S
 # found dead within that, and Kubernetes nodes keep Ray's defaults.
 #
 # A raylet also starts Python workers ahead of a driver's first task, with no runtime env. Every
-# llmctl job, Serve app and Ray Data pipeline runs with one (its PYTHONPATH), so none of them can
-# use those workers: each is a Python process importing Ray (about 0.7 CPU-s) for nothing, two
-# when a driver connects, on a machine whose cores are what a laptop run is short of.
+# llmctl job and Serve app runs with one (its PYTHONPATH), so none of their actors can use those
+# workers: each is a Python process importing Ray (about 0.7 CPU-s) for nothing, two when a
+# driver connects. The Ray Data engine's tasks (no runtime env) get theirs when they ask.
 LOCAL_CLUSTER_ENV = {
     "RAY_health_check_failure_threshold": "10",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",

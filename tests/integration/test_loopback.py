@@ -122,8 +122,8 @@ def test_a_head_that_exits_on_a_taken_port_is_started_again_and_starts_no_idle_w
     the head that exits for it is stopped and started once more, and nothing of it is left.
 
     On that fresh cluster, a driver holding one actor has started one worker process: Ray
-    prestarts workers without a runtime env when a driver connects, which no llmctl job, Serve
-    app or Ray Data pipeline can use (each has its PYTHONPATH), so the local cluster starts none."""
+    prestarts workers without a runtime env when a driver connects, which no llmctl job or Serve
+    app can use (each has its PYTHONPATH), so the local cluster starts none."""
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
     holder.listen()
