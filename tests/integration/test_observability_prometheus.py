@@ -54,7 +54,14 @@ def _train_spec() -> RunSpec:
             "train": {"max_steps": 100_000, "global_batch_size": 8, "seq_len": 64, "schedule": {"warmup_steps": 5}},
             "workers": {"num_workers": 2},
             "checkpoint": {"interval_steps": 5, "keep_last": 2, "async_save": True},
-            "faults": [{"kind": "kill_worker", "at_step": 8, "rank": 1}],
+            # rank 1 is killed once (a restart); then both ranks take a second a step: the stack needs
+            # a live run with a few checkpoints, not the ~15 steps and 3 checkpoints a second a tiny
+            # model makes flat out (2,000 steps in the module, CPU the vLLM replica loads with)
+            "faults": [
+                {"kind": "kill_worker", "at_step": 8, "rank": 1},
+                {"kind": "slow_worker", "at_step": 12, "rank": 0, "seconds": 1.0},
+                {"kind": "slow_worker", "at_step": 12, "rank": 1, "seconds": 1.0},
+            ],
             "seed": 3,
         }
     )
