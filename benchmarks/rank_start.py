@@ -16,13 +16,11 @@ Goal: rank/baseline <= 0.7 (the tiny preset, where imports are nearly all of a r
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.driver_start import RANK, cpu_seconds  # noqa: E402
+from benchmarks.driver_start import RANK, compare  # noqa: E402
 
 SETUP = (
     f"{RANK}\n"
@@ -40,18 +38,7 @@ THEIRS = (
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeat", type=int, default=5)
-    args = p.parse_args()
-    theirs, ours = [], []
-    for _ in range(args.repeat):  # interleaved: a busy moment weighs on both
-        theirs.append(cpu_seconds(THEIRS))
-        ours.append(cpu_seconds(OURS))
-    t, o = statistics.median(theirs), statistics.median(ours)
-    print(f"rank start with transformers' Llama (baseline): {t:.2f} CPU-s   (median of {args.repeat})")
-    print(f"rank start with its own Llama:                  {o:.2f} CPU-s")
-    print(f"ratio own/transformers: {o / t:.2f}  (goal <= 0.7)")
-    return 0
+    return compare(("rank start with transformers' Llama", THEIRS), ("rank start with its own Llama", OURS), goal=0.7)
 
 
 if __name__ == "__main__":
