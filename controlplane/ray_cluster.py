@@ -33,7 +33,7 @@ import httpx
 
 from controlplane.errors import LlmctlError, RetryableError, UserError
 from controlplane.procs import free_port, pid_alive, stop_group
-from controlplane.ray_launch import start_failure
+from controlplane.ray_launch import gave_up, log_size, start_failure
 from controlplane.ray_settings import LOCAL_CLUSTER_ENV, RAY_PROCESS_ENV
 from controlplane.rundir import RunDir, write_atomic
 from controlplane.spec import ClusterSpec
@@ -146,16 +146,17 @@ def up(cluster: ClusterSpec, num_cpus: int | None = None, worker_nodes: int | No
     log_dir = _cluster_dir(cluster) / "logs"
     token = token_file.read_text().strip()
     # a port picked free is taken by another process now and then before Ray binds it (two
-    # clusters starting side by side, any process's outgoing connection): a head that exits
-    # during start is started once more on fresh ports
+    # clusters starting side by side, any process's outgoing connection): a head that gives up
+    # during start is stopped and started once more on fresh ports
     for tries_left in (1, 0):
+        since = log_size(log_dir / "head.log")  # the log is appended to: this try's part is after
         state = _start_head(cluster, token_file, env, num_cpus, host, log_dir)
         head = state.nodes[0]
         try:
-            _wait(partial(_dashboard_ok, state.dashboard_url, token), "Ray head", head.pid, head.log)
+            _wait(partial(_dashboard_ok, state.dashboard_url, token), "Ray head", head.pid, head.log, since)
             break
         except RetryableError:
-            if not tries_left or pid_alive(head.pid):
+            if not tries_left:
                 raise
             down(cluster)  # whatever it started before it gave up, and its temp dir
     for i in range(worker_nodes):
@@ -198,7 +199,7 @@ def _start_head(
 
 def add_worker_node(cluster: ClusterSpec, num_cpus: int = 1, index: int | None = None) -> NodeProc:
     """Start one more raylet joined to the local head (a second 'node' on this machine); one that
-    exits during start (`ray start` gives it 30 s, a loaded machine needs more) is started again."""
+    gives up or does not join in START_TIMEOUT_S (a loaded machine) is stopped and started again."""
     state = read_state(cluster)
     if state is None:
         raise ClusterNotRunning("the local cluster is not up: run `llmctl cluster up`")
@@ -218,13 +219,14 @@ def add_worker_node(cluster: ClusterSpec, num_cpus: int = 1, index: int | None =
             # driver) and glob the directory 10 times a second
             "--include-log-monitor", "false",
         ]  # fmt: skip
+        since = log_size(log)
         node = NodeProc(_start_node(cmd, ray_env(Path(state.token_file)), log), "worker", str(log), ports)
         _save_state(cluster, replace(state, nodes=[*state.nodes, node]))
         try:  # known by its own resource: counting alive nodes is fooled by a node dying meanwhile
-            _wait(lambda: _alive_with(cluster, resource), "Ray worker node", node.pid, str(log))
+            _wait(lambda: _alive_with(cluster, resource), "Ray worker node", node.pid, str(log), since)
             return node
         except RetryableError:
-            if not tries_left or pid_alive(node.pid):
+            if not tries_left:
                 raise
             stop_group(node.pid, STOP_TIMEOUT_S)  # whatever it started before it gave up; `state` is without it
             _save_state(cluster, state)
@@ -247,13 +249,15 @@ def _alive_with(cluster: ClusterSpec, resource: str) -> bool:
         return False
 
 
-def _wait(check: Any, what: str, pid: int, log: str, timeout: float = START_TIMEOUT_S) -> None:
+def _wait(check: Any, what: str, pid: int, log: str, since: int, timeout: float = START_TIMEOUT_S) -> None:
+    """Until `check()`; a `ray start` that exits or writes its traceback (in `log` after byte
+    `since`) has given up."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
-        if not pid_alive(pid):
-            raise RetryableError(f"{what} exited during start: {start_failure(Path(log))} (log: {log})")
+        if not pid_alive(pid) or gave_up(Path(log), since):
+            raise RetryableError(f"{what} gave up during start: {start_failure(Path(log), since)} (log: {log})")
         time.sleep(0.5)
     raise RetryableError(f"{what} did not come up within {timeout:.0f}s (log: {log})")
 

@@ -20,14 +20,37 @@ from pathlib import Path
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-_FAILURE_MARKS = ("Check failed:", "Address already in use", "Error:", "error:")
+_FAILURE_MARKS = ("Check failed:", "Address already in use", "Error:", "Exception:", "error:")
 
 
-def start_failure(log: Path, limit: int = 240) -> str:
+def log_size(log: Path) -> int:
+    try:
+        return log.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_from(log: Path, since: int) -> str:
+    with open(log, "rb") as f:
+        f.seek(since)
+        return f.read().decode(errors="replace")
+
+
+def gave_up(log: Path, since: int = 0) -> bool:
+    """`ray start` printed the traceback it exits with (in `log` after byte `since`). Its process
+    can outlive that by minutes (a worker node that timed out registering was still there 90 s
+    later), so the log says it first."""
+    try:
+        return "Traceback (most recent call last)" in _read_from(log, since)
+    except OSError:
+        return False
+
+
+def start_failure(log: Path, since: int = 0, limit: int = 240) -> str:
     """The line of a `ray start` log that says why it stopped: Ray's own check failure (it names
     the port) before the Python traceback's last line; the log's last line if none matches."""
     try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in _read_from(log, since).splitlines() if ln.strip()]
     except OSError:
         return "its log is unreadable"
     for mark in _FAILURE_MARKS:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controlplane.ray_launch import start_failure
+from controlplane.ray_launch import gave_up, log_size, start_failure
 
 GCS_PORT_TAKEN = """\
 2026-12-08 02:04:43,743\tINFO usage_lib.py:448 -- Usage stats collection is disabled.
@@ -41,3 +41,26 @@ def test_a_log_with_no_error_line_gives_its_last_line_and_a_missing_one_says_so(
     log.write_text("")
     assert start_failure(log) == "its log is empty"
     assert start_failure(tmp_path / "absent.log") == "its log is unreadable"
+
+
+NODE_TIMED_OUT = """\
+2026-12-08 03:56:50,106\tINFO scripts.py:1234 -- Local node IP: 127.0.0.1
+2026-12-08 03:57:25,770\tINFO node.py:438 -- Failed to get node info b'GCS cannot find the node with node ID 8498'
+Traceback (most recent call last):
+  File "ray/_private/node.py", line 440, in __init__
+    raise Exception(
+Exception: The current node timed out during startup. This could happen because some of the raylet failed to startup.
+"""
+
+
+def test_a_start_that_printed_its_traceback_gave_up_and_only_this_tries_part_counts(tmp_path):
+    log = tmp_path / "worker-2.log"
+    log.write_text(NODE_TIMED_OUT)
+    assert gave_up(log)
+    assert start_failure(log).startswith("Exception: The current node timed out during startup")
+    since = log_size(log)  # a second try appends to the same log
+    with open(log, "a") as f:
+        f.write("2026-12-08 03:58:00,000\tINFO scripts.py:1234 -- Local node IP: 127.0.0.1\n")
+    assert not gave_up(log, since)
+    assert start_failure(log, since) == "2026-12-08 03:58:00,000\tINFO scripts.py:1234 -- Local node IP: 127.0.0.1"
+    assert not gave_up(tmp_path / "absent.log") and log_size(tmp_path / "absent.log") == 0
