@@ -38,11 +38,11 @@ def cpu_seconds(code: str) -> float:
     return (after.children_user - before.children_user) + (after.children_system - before.children_system)
 
 
-def compare(baseline: tuple[str, str], measured: tuple[str, str], goal: float) -> int:
+def compare(description: str, baseline: tuple[str, str], measured: tuple[str, str], goal: float) -> int:
     """Median CPU-seconds of two snippets, each run `--repeat` times in fresh interpreters,
     interleaved (a busy moment of the machine weighs on both), and their ratio against `goal`.
     Each of `baseline` and `measured` is (what it is, its code)."""
-    p = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--repeat", type=int, default=5)
     repeat = p.parse_args().repeat
     runs: tuple[list[float], list[float]] = ([], [])
@@ -58,7 +58,7 @@ def compare(baseline: tuple[str, str], measured: tuple[str, str], goal: float) -
 
 
 def main() -> int:
-    return compare(("rank imports", RANK), ("driver imports", DRIVER), goal=0.3)
+    return compare(__doc__.splitlines()[0], ("rank imports", RANK), ("driver imports", DRIVER), goal=0.3)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ THEIRS = (
 
 
 def main() -> int:
-    return compare(("rank start with transformers' Llama", THEIRS), ("rank start with its own Llama", OURS), goal=0.7)
+    theirs, ours = ("rank start with transformers' Llama", THEIRS), ("rank start with its own Llama", OURS)
+    return compare(__doc__.splitlines()[0], theirs, ours, goal=0.7)
 
 
 if __name__ == "__main__":

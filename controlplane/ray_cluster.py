@@ -33,7 +33,7 @@ import httpx
 
 from controlplane.errors import LlmctlError, RetryableError, UserError
 from controlplane.procs import free_port, pid_alive, stop_group
-from controlplane.ray_launch import gave_up, log_size, start_failure
+from controlplane.ray_launch import gave_up, start_failure
 from controlplane.ray_settings import LOCAL_CLUSTER_ENV, RAY_PROCESS_ENV
 from controlplane.rundir import RunDir, write_atomic
 from controlplane.spec import ClusterSpec
@@ -52,6 +52,7 @@ class NodeProc:
     role: str  # "head" | "worker"
     log: str
     ports: dict[str, int] = field(default_factory=dict)
+    log_from: int = 0  # where this start's output begins in `log` (appended to by every start)
 
 
 @dataclass
@@ -119,13 +120,14 @@ def _dashboard_ok(url: str, token: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _start_node(cmd: list[str], env: dict[str, str], log: Path) -> int:
+def _start_node(cmd: list[str], env: dict[str, str], log: Path, role: str, ports: dict[str, int]) -> NodeProc:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as f:
+        log_from = f.tell()
         proc = subprocess.Popen(
             cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
         )
-    return proc.pid
+    return NodeProc(proc.pid, role, str(log), ports, log_from)
 
 
 def up(cluster: ClusterSpec, num_cpus: int | None = None, worker_nodes: int | None = None) -> LocalClusterState:
@@ -149,11 +151,9 @@ def up(cluster: ClusterSpec, num_cpus: int | None = None, worker_nodes: int | No
     # clusters starting side by side, any process's outgoing connection): a head that gives up
     # during start is stopped and started once more on fresh ports
     for tries_left in (1, 0):
-        since = log_size(log_dir / "head.log")  # the log is appended to: this try's part is after
         state = _start_head(cluster, token_file, env, num_cpus, host, log_dir)
-        head = state.nodes[0]
         try:
-            _wait(partial(_dashboard_ok, state.dashboard_url, token), "Ray head", head.pid, head.log, since)
+            _wait(partial(_dashboard_ok, state.dashboard_url, token), "Ray head", state.nodes[0])
             break
         except RetryableError:
             if not tries_left:
@@ -191,7 +191,7 @@ def _start_head(
         token_file=str(token_file),
         started_at=time.time(),
         num_cpus=num_cpus,
-        nodes=[NodeProc(_start_node(head_cmd, env, log), "head", str(log), ports)],
+        nodes=[_start_node(head_cmd, env, log, "head", ports)],
     )
     _save_state(cluster, state)  # recorded at once: a failure later still lets `down` clean up
     return state
@@ -219,11 +219,10 @@ def add_worker_node(cluster: ClusterSpec, num_cpus: int = 1, index: int | None =
             # driver) and glob the directory 10 times a second
             "--include-log-monitor", "false",
         ]  # fmt: skip
-        since = log_size(log)
-        node = NodeProc(_start_node(cmd, ray_env(Path(state.token_file)), log), "worker", str(log), ports)
+        node = _start_node(cmd, ray_env(Path(state.token_file)), log, "worker", ports)
         _save_state(cluster, replace(state, nodes=[*state.nodes, node]))
         try:  # known by its own resource: counting alive nodes is fooled by a node dying meanwhile
-            _wait(lambda: _alive_with(cluster, resource), "Ray worker node", node.pid, str(log), since)
+            _wait(lambda: _alive_with(cluster, resource), "Ray worker node", node)
             return node
         except RetryableError:
             if not tries_left:
@@ -249,15 +248,16 @@ def _alive_with(cluster: ClusterSpec, resource: str) -> bool:
         return False
 
 
-def _wait(check: Any, what: str, pid: int, log: str, since: int, timeout: float = START_TIMEOUT_S) -> None:
-    """Until `check()`; a `ray start` that exits or writes its traceback (in `log` after byte
-    `since`) has given up."""
+def _wait(check: Any, what: str, node: NodeProc, timeout: float = START_TIMEOUT_S) -> None:
+    """Until `check()`; a `ray start` that exits or writes its traceback (in this start's part of
+    its log) has given up."""
+    log = Path(node.log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
-        if not pid_alive(pid) or gave_up(Path(log), since):
-            raise RetryableError(f"{what} gave up during start: {start_failure(Path(log), since)} (log: {log})")
+        if not pid_alive(node.pid) or gave_up(log, node.log_from):
+            raise RetryableError(f"{what} gave up during start: {start_failure(log, node.log_from)} (log: {log})")
         time.sleep(0.5)
     raise RetryableError(f"{what} did not come up within {timeout:.0f}s (log: {log})")
 

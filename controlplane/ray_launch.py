@@ -23,13 +23,6 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _FAILURE_MARKS = ("Check failed:", "Address already in use", "Error:", "Exception:", "error:")
 
 
-def log_size(log: Path) -> int:
-    try:
-        return log.stat().st_size
-    except OSError:
-        return 0
-
-
 def _read_from(log: Path, since: int) -> str:
     with open(log, "rb") as f:
         f.seek(since)

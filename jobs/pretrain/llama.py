@@ -130,12 +130,18 @@ class LlamaRotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", freq, persistent=False)
         self.register_buffer("original_inv_freq", freq.clone(), persistent=False)
 
+    def reset_buffers(self) -> None:
+        """The inverse frequencies again (a meta-device build leaves them empty)."""
+        freq = inv_freq(self.config).to(self.inv_freq.device)
+        self.inv_freq.copy_(freq)
+        self.original_inv_freq.copy_(freq)
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freq = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1).to(x.device)
         pos = position_ids[:, None, :].float()
-        with torch.autocast(device_type=x.device.type if x.device.type != "mps" else "cpu", enabled=False):
-            freqs = (freq.float() @ pos.float()).transpose(1, 2)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            freqs = (freq @ pos).transpose(1, 2)
             emb = torch.cat((freqs, freqs), dim=-1)
             cos, sin = emb.cos(), emb.sin()
         return cos.to(x.dtype), sin.to(x.dtype)

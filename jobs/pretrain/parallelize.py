@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from controlplane.spec import ParallelismSpec
-from jobs.pretrain.llama import INITIALIZER_RANGE
+from jobs.pretrain.llama import INITIALIZER_RANGE, LlamaForCausalLM, LlamaRotaryEmbedding
 
 INIT_STD = INITIALIZER_RANGE
 _WRAPPED = "_checkpoint_wrapped_module."
@@ -90,8 +90,6 @@ def apply_fsdp(model: torch.nn.Module, mesh: Any, zero_stage: int, mp: Any) -> N
 
 def build(config: Any, seed: int, device: torch.device, par: ParallelismSpec, mesh: Any, precision: str = "auto"):
     """The model, parallelised as `par` says, its local part materialised on `device` and seeded."""
-    from jobs.pretrain.llama import LlamaForCausalLM
-
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     apply_activation_checkpointing(model, par.activation_checkpointing)
@@ -99,7 +97,7 @@ def build(config: Any, seed: int, device: torch.device, par: ParallelismSpec, me
         apply_fsdp(model, mesh, par.zero_stage, mixed_precision(device, precision))
     model.to_empty(device=device)
     init_weights(model, seed)
-    _reset_buffers(model, device)
+    _reset_buffers(model)
     return model
 
 
@@ -138,15 +136,12 @@ def slice_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return dt.to_local()
 
 
-def _reset_buffers(model: torch.nn.Module, device: torch.device) -> None:
-    """Buffers a meta build leaves empty (the rotary inverse frequencies): from a real build of the
-    module that owns them, which is small."""
+def _reset_buffers(model: torch.nn.Module) -> None:
+    """Buffers a meta build leaves empty (the rotary inverse frequencies)."""
     for m in model.modules():
-        if type(m).__name__.endswith("RotaryEmbedding"):
-            with torch.device("cpu"):
-                fresh = type(m)(m.config)
-            for name, buf in fresh.named_buffers(recurse=False):
-                getattr(m, name).copy_(buf)
+        if isinstance(m, LlamaRotaryEmbedding):
+            with torch.no_grad():
+                m.reset_buffers()
 
 
 def set_gradient_sync(model: torch.nn.Module, zero_stage: int, last_micro: bool) -> None:
